@@ -1,0 +1,503 @@
+"""DMVAEModule: the tokenizer of a Distribution-Matching VAE as a LightningModule.
+
+Stages (``stage=``):
+
+* ``"pretrain"`` (paper stage 1): encoder (frozen or trainable) -> MLP bottleneck -> latent ->
+  conv decoder, trained with L1 (+ L2, LPIPS) + PatchGAN hinge with the adaptive weight.
+* ``"finetune"`` (paper stage 4): starts from ``init_from``; encoder and bottleneck frozen, only the
+  decoder (and discriminator) train.
+
+The DMD alignment stage (paper stage 3) arrives with the matching losses.
+
+Batches are dicts from :class:`~dmvae_lightning.data.reference.ReferenceDistribution`:
+``batch["image"]`` (B, C, H, W) float in [-1, 1], ``batch["label"]`` (B,) int64.
+
+Optimisation is manual (generator + discriminator). Every random draw inside a training step
+(DiffAug, dropout) is seeded from ``(seed, batch_count, rank)`` so kill-and-resume is exact; the
+batch counter is a buffer, saved with the weights. The discriminator and the generator step
+only after ``disc_start`` batches; before that the generator sees reconstruction losses only.
+
+Subclass and override one hook to change one part: :meth:`build_encoder`,
+:meth:`build_bottleneck`, :meth:`build_decoder`, :meth:`build_discriminator`,
+:meth:`configure_losses`, :meth:`configure_metrics`, :meth:`encode`, :meth:`decode`,
+:meth:`generator_loss`, :meth:`discriminator_loss`, :meth:`log_images`.
+
+DDP note: the discriminator receives no gradient in the generator step. Until the distributed
+issue lands, run multi-device jobs with ``strategy: ddp_find_unused_parameters_true``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+from typing import Any, Literal, TypedDict
+
+import lightning.pytorch as pl
+import torch
+import torchvision
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+
+from dmvae_lightning.ema import EMA
+from dmvae_lightning.losses.adversarial import AdversarialLoss
+from dmvae_lightning.losses.reconstruction import ReconstructionLoss
+from dmvae_lightning.nets.decoder import Decoder
+from dmvae_lightning.nets.discriminator import PatchDiscriminator
+from dmvae_lightning.nets.encoders import MLPBottleneck, build_encoder
+from dmvae_lightning.nets.tokenizer import Tokenizer
+from dmvae_lightning.utils.rng import step_rng
+
+
+class EncoderSpec(TypedDict, total=False):
+    """Encoder options. ``name: conv`` -> :class:`~dmvae_lightning.nets.encoders.ConvEncoder`
+    (keys ch, ch_mult, num_res_blocks, mid_attention); ``name: timm`` ->
+    :class:`~dmvae_lightning.nets.encoders.TimmEncoder` (keys model_name, pretrained,
+    weights_path, frozen, img_size, patch_size)."""
+
+    name: Literal["conv", "timm"]
+    ch: int
+    ch_mult: list[int]
+    num_res_blocks: int
+    mid_attention: bool
+    model_name: str
+    pretrained: bool
+    weights_path: str | None
+    frozen: bool
+    img_size: int
+    patch_size: int
+
+
+class DecoderSpec(TypedDict, total=False):
+    """Decoder options (:class:`~dmvae_lightning.nets.decoder.Decoder`)."""
+
+    ch: int
+    ch_mult: list[int]
+    num_res_blocks: int
+    mid_attention: bool
+    input_upsample: bool
+
+
+class DiscriminatorSpec(TypedDict, total=False):
+    """PatchGAN options (:class:`~dmvae_lightning.nets.discriminator.PatchDiscriminator`)."""
+
+    ch: int
+    n_layers: int
+    norm: Literal["batch", "group", "none"]
+
+
+class LPIPSSpec(TypedDict, total=False):
+    """Local LPIPS weight files (no download): torchvision VGG16 state dict and LPIPS heads."""
+
+    vgg_weights_path: str
+    lin_weights_path: str
+
+
+def _to_unit(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] images -> [0, 1] floats (clamped) for PSNR / SSIM."""
+    return ((x.float() + 1) / 2).clamp(0, 1)
+
+
+def _warmup_lambda(warmup_steps: int):
+    def fn(step: int) -> float:
+        return 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
+
+    return fn
+
+
+class DMVAEModule(pl.LightningModule):
+    """Tokenizer with reconstruction, adversarial (and, from stage 3, matching) losses.
+
+    Args:
+        stage: ``"pretrain"`` or ``"finetune"`` (see module docstring).
+        image_channels: channels of the images (1 for Fashion-MNIST, 3 for RGB).
+        latent_channels: C of the latent (B, C, h, w).
+        encoder: :class:`EncoderSpec`; the spatial reduction f of the encoder sets h = H / f.
+        bottleneck_hidden: hidden width of the per-position MLP bottleneck.
+        decoder: :class:`DecoderSpec`; its upsampling must undo the encoder's reduction.
+        discriminator: :class:`DiscriminatorSpec`.
+        l1_weight, l2_weight, lpips_weight: reconstruction loss weights.
+        lpips: :class:`LPIPSSpec`, required when ``lpips_weight > 0``.
+        disc_weight: weight of the adversarial generator loss (times the adaptive weight).
+        disc_start: batch from which discriminator and adversarial loss are on.
+        adaptive_disc_weight: scale the GAN loss by ||grad rec|| / ||grad GAN|| at the last layer.
+        diffaug: DiffAugment policy for the discriminator inputs ("" disables).
+        consistency_weight: bCR consistency-regularisation weight for the discriminator.
+        lr, disc_lr: AdamW learning rates (``disc_lr`` defaults to ``lr``).
+        betas, weight_decay, disc_weight_decay: AdamW settings (paper: (0.9, 0.95), 5e-3, 5e-4).
+        warmup_steps: linear learning-rate warm-up in optimizer steps.
+        grad_clip: gradient-norm clip for both optimizers (0 disables).
+        ema_decay: EMA decay of the trained tokenizer parts; ``None`` disables EMA.
+        ema_warmup: use the ``min(decay, (1+n)/(10+n))`` warm-up of the EMA decay.
+        init_from: DMVAEModule checkpoint whose tokenizer (+ discriminator, EMA) weights start
+            this run (required for ``finetune``).
+        seed: seed of the per-step random streams (see :mod:`dmvae_lightning.utils.rng`).
+        num_log_images: images in the reconstruction grid logged at each validation.
+    """
+
+    def __init__(
+        self,
+        stage: Literal["pretrain", "finetune"] = "pretrain",
+        image_channels: int = 3,
+        latent_channels: int = 32,
+        encoder: EncoderSpec | None = None,
+        bottleneck_hidden: int = 256,
+        decoder: DecoderSpec | None = None,
+        discriminator: DiscriminatorSpec | None = None,
+        l1_weight: float = 1.0,
+        l2_weight: float = 0.0,
+        lpips_weight: float = 0.0,
+        lpips: LPIPSSpec | None = None,
+        disc_weight: float = 0.5,
+        disc_start: int = 5000,
+        adaptive_disc_weight: bool = True,
+        diffaug: str = "color,translation,cutout",
+        consistency_weight: float = 0.0,
+        lr: float = 1e-4,
+        disc_lr: float | None = None,
+        betas: tuple[float, float] = (0.9, 0.95),
+        weight_decay: float = 5e-3,
+        disc_weight_decay: float = 5e-4,
+        warmup_steps: int = 1000,
+        grad_clip: float = 1.0,
+        ema_decay: float | None = 0.9999,
+        ema_warmup: bool = False,
+        init_from: str | None = None,
+        seed: int = 0,
+        num_log_images: int = 16,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        if stage not in ("pretrain", "finetune"):
+            raise ValueError(
+                f"model.init_args.stage: unknown stage {stage!r}; expected 'pretrain' or 'finetune'."
+            )
+        if stage == "finetune" and not init_from:
+            raise ValueError(
+                "model.init_args.init_from: stage 'finetune' starts from a tokenizer checkpoint; "
+                "set `init_from` to the stage-1 (or alignment) .ckpt."
+            )
+        self.register_buffer("batch_count", torch.zeros((), dtype=torch.long))
+        self.configure_models()
+        self.configure_losses()
+        self.configure_metrics()
+        if init_from:
+            self.load_tokenizer_weights(init_from)
+        self._set_trainable()
+        self.ema = EMA(self.ema_target(), decay=ema_decay, warmup=ema_warmup) if ema_decay else None
+        self._ema_stack: contextlib.ExitStack | None = None
+
+    # ------------------------------------------------------------------ hooks: networks
+    def configure_models(self) -> None:
+        """Build ``self.tokenizer`` and ``self.discriminator``. Called once from ``__init__``."""
+        encoder = self.build_encoder()
+        in_dim = getattr(encoder, "out_dim", None)
+        if in_dim is None:
+            raise ValueError(
+                "build_encoder() must return a module with an `out_dim` attribute (feature channels)."
+            )
+        self.tokenizer = Tokenizer(encoder, self.build_bottleneck(in_dim), self.build_decoder())
+        self.discriminator = self.build_discriminator()
+
+    def build_encoder(self) -> nn.Module:
+        """Return the encoder: images (B, C_img, H, W) in [-1, 1] -> features (B, D, h, w).
+
+        The module must expose ``out_dim`` (D). Override to plug in another backbone."""
+        spec: dict[str, Any] = {"name": "conv", **(self.hparams.encoder or {})}
+        spec.setdefault("in_channels", self.hparams.image_channels)
+        return build_encoder(spec)
+
+    def build_bottleneck(self, in_dim: int) -> nn.Module:
+        """Return the map features (B, D, h, w) -> latent (B, C, h, w)."""
+        return MLPBottleneck(in_dim, self.hparams.latent_channels, self.hparams.bottleneck_hidden)
+
+    def build_decoder(self) -> nn.Module:
+        """Return the decoder: latent (B, C, h, w) -> image (B, C_img, H, W).
+
+        Must expose ``get_last_layer()`` for the adaptive GAN weight."""
+        spec = dict(self.hparams.decoder or {})
+        try:
+            return Decoder(
+                z_channels=self.hparams.latent_channels,
+                out_channels=self.hparams.image_channels,
+                **spec,
+            )
+        except TypeError as err:
+            raise TypeError(f"model.init_args.decoder: {err}") from err
+
+    def build_discriminator(self) -> nn.Module:
+        """Return the discriminator: images -> patch logits."""
+        spec = dict(self.hparams.discriminator or {})
+        return PatchDiscriminator(in_channels=self.hparams.image_channels, **spec)
+
+    # ------------------------------------------------------------------ hooks: losses, metrics
+    def configure_losses(self) -> None:
+        """Build ``self.reconstruction`` and ``self.adversarial``. Called once from ``__init__``."""
+        hp = self.hparams
+        self.reconstruction = ReconstructionLoss(
+            l1_weight=hp.l1_weight,
+            l2_weight=hp.l2_weight,
+            lpips_weight=hp.lpips_weight,
+            lpips=dict(hp.lpips) if hp.lpips else None,
+        )
+        self.adversarial = AdversarialLoss(
+            disc_weight=hp.disc_weight,
+            start_step=hp.disc_start,
+            diffaug_policy=hp.diffaug,
+            consistency_weight=hp.consistency_weight,
+            adaptive=hp.adaptive_disc_weight,
+        )
+
+    def configure_metrics(self) -> None:
+        """Build ``self.val_metrics`` / ``self.test_metrics`` (PSNR, SSIM on [0, 1] images)."""
+        self.val_metrics = MetricCollection(
+            {
+                "psnr": PeakSignalNoiseRatio(data_range=1.0),
+                "ssim": StructuralSimilarityIndexMeasure(data_range=1.0),
+            },
+            prefix="val/",
+        )
+        self.test_metrics = self.val_metrics.clone(prefix="test/")
+
+    # ------------------------------------------------------------------ public API
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C_img, H, W) in [-1, 1] -> raw latents (B, C, h, w)."""
+        return self.tokenizer.encode(x)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Raw latents (B, C, h, w) -> images (B, C_img, H, W), roughly [-1, 1], unclamped."""
+        return self.tokenizer.decode(z)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Reconstruct images (B, C_img, H, W) in [-1, 1]."""
+        return self.decode(self.encode(x))
+
+    def ema_target(self) -> nn.ModuleDict:
+        """The tokenizer parts that train in this stage (the only ones EMA covers)."""
+        parts = {"bottleneck": self.tokenizer.bottleneck, "decoder": self.tokenizer.decoder}
+        if any(p.requires_grad for p in self.tokenizer.encoder.parameters()):
+            parts["encoder"] = self.tokenizer.encoder
+        if self.hparams.stage == "finetune":
+            parts = {"decoder": self.tokenizer.decoder}
+        return nn.ModuleDict(parts)
+
+    @contextlib.contextmanager
+    def ema_scope(self):
+        """Swap the EMA weights in for the duration of the block (no-op without EMA)."""
+        if self.ema is None:
+            yield
+            return
+        with self.ema.scope(self.ema_target()):
+            yield
+
+    def load_tokenizer_weights(self, path: str) -> None:
+        """Load tokenizer (and, when present and compatible, discriminator) weights from a
+        DMVAEModule checkpoint; the EMA weights, when saved, replace the raw ones."""
+        file = Path(path)
+        if not file.is_file():
+            raise FileNotFoundError(
+                f"model.init_args.init_from: checkpoint {str(file)!r} does not exist; train the "
+                "previous stage first or fix the path."
+            )
+        state = torch.load(file, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state)
+        tok = {k[len("tokenizer.") :]: v for k, v in state.items() if k.startswith("tokenizer.")}
+        if not tok:
+            raise ValueError(
+                f"model.init_args.init_from: {str(file)!r} holds no `tokenizer.*` weights; is it "
+                "a DMVAEModule checkpoint?"
+            )
+        self.tokenizer.load_state_dict(tok, strict=True)
+        # The previous stage's EMA (buffers named like the parameters, '.' -> '__') is the
+        # better starting point: it replaces the raw weights where present.
+        with torch.no_grad():
+            for name, param in self.tokenizer.named_parameters():
+                key = "ema." + name.replace(".", "__")
+                if key in state:
+                    param.copy_(state[key])
+        disc = {
+            k[len("discriminator.") :]: v
+            for k, v in state.items()
+            if k.startswith("discriminator.")
+        }
+        if disc:
+            self.discriminator.load_state_dict(disc, strict=True)
+
+    def _set_trainable(self) -> None:
+        if self.hparams.stage == "finetune":
+            self.tokenizer.encoder.requires_grad_(False)
+            self.tokenizer.bottleneck.requires_grad_(False)
+
+    # ------------------------------------------------------------------ losses as hooks
+    def generator_loss(
+        self, x: torch.Tensor, x_rec: torch.Tensor, z: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss of the tokenizer for one batch. Returns (scalar loss, detached logs).
+
+        Called inside the generator's ``toggled_optimizer`` block, so the discriminator's
+        parameters take no gradient from it."""
+        rec, logs = self.reconstruction(x, x_rec)
+        logs = {f"train/{k}": v for k, v in logs.items()}
+        loss = rec
+        if self.adversarial.active(int(self.batch_count)):
+            adv, adv_logs = self.adversarial.generator_loss(
+                self.discriminator, x_rec, rec, self.tokenizer.decoder.get_last_layer()
+            )
+            loss = loss + adv
+            logs.update({f"train/{k}": v for k, v in adv_logs.items()})
+        logs["train/g_loss"] = loss.detach()
+        return loss, logs
+
+    def discriminator_loss(
+        self, x: torch.Tensor, x_rec: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss of the discriminator on real ``x`` and detached reconstructions ``x_rec``."""
+        loss, logs = self.adversarial.discriminator_loss(self.discriminator, x, x_rec.detach())
+        return loss, {f"train/{k}": v for k, v in logs.items()}
+
+    # ------------------------------------------------------------------ Lightning
+    def configure_optimizers(self):
+        hp = self.hparams
+        gen_params = [p for p in self.tokenizer.parameters() if p.requires_grad]
+        if not gen_params:
+            raise ValueError("Nothing to train: every tokenizer parameter is frozen.")
+        opt_g = torch.optim.AdamW(
+            gen_params, lr=hp.lr, betas=hp.betas, weight_decay=hp.weight_decay
+        )
+        opt_d = torch.optim.AdamW(
+            self.discriminator.parameters(),
+            lr=hp.disc_lr if hp.disc_lr is not None else hp.lr,
+            betas=hp.betas,
+            weight_decay=hp.disc_weight_decay,
+        )
+        lam = _warmup_lambda(hp.warmup_steps)
+        sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, lam)
+        sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, lam)
+        return [opt_g, opt_d], [
+            {"scheduler": sched_g, "interval": "step"},
+            {"scheduler": sched_d, "interval": "step"},
+        ]
+
+    def _check_batch(self, x: torch.Tensor) -> None:
+        if x.ndim != 4 or x.shape[1] != self.hparams.image_channels:
+            raise ValueError(
+                f"Batch images have shape {tuple(x.shape)} but model.init_args.image_channels is "
+                f"{self.hparams.image_channels}; make it equal the data's channels "
+                "(data.init_args.channels)."
+            )
+
+    def _optimizer_step(self, opt, compute_loss) -> dict[str, torch.Tensor]:
+        """Run ``compute_loss()`` with only ``opt``'s parameters trainable, then backward, clip,
+        step and zero. Returns the logs of ``compute_loss``."""
+        with self.toggled_optimizer(opt):
+            loss, logs = compute_loss()
+            self.manual_backward(loss)
+            if self.hparams.grad_clip and self.hparams.grad_clip > 0:
+                self.clip_gradients(
+                    opt, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm"
+                )
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return logs
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        x = batch["image"]
+        self._check_batch(x)
+        opt_g, opt_d = self.optimizers()
+        sched_g, sched_d = self.lr_schedulers()
+        step = int(self.batch_count)
+        out: dict[str, torch.Tensor] = {}
+
+        def gen_loss():
+            z = self.encode(x)
+            out["x_rec"] = self.decode(z)
+            return self.generator_loss(x, out["x_rec"], z)
+
+        with step_rng(self.hparams.seed, step, self.global_rank, x.device):
+            logs = self._optimizer_step(opt_g, gen_loss)
+            sched_g.step()
+            if self.adversarial.active(step):
+                logs.update(
+                    self._optimizer_step(opt_d, lambda: self.discriminator_loss(x, out["x_rec"]))
+                )
+                sched_d.step()
+        if self.ema is not None:
+            self.ema.update(self.ema_target())
+        self.batch_count += 1
+        logs["train/lr"] = torch.tensor(opt_g.param_groups[0]["lr"])
+        self.log_dict(logs, on_step=True, on_epoch=False, batch_size=x.shape[0])
+        self.log("loss", logs["train/g_loss"], prog_bar=True, on_step=True, batch_size=x.shape[0])
+
+    # EMA weights are swapped in for every evaluation loop (validation, test, predict).
+    def _enter_ema(self) -> None:
+        if self._ema_stack is None:
+            self._ema_stack = contextlib.ExitStack()
+            self._ema_stack.enter_context(self.ema_scope())
+
+    def _exit_ema(self) -> None:
+        if self._ema_stack is not None:
+            self._ema_stack.close()
+            self._ema_stack = None
+
+    def on_validation_epoch_start(self) -> None:
+        # Fresh states under this loop's grad mode: states left by a `trainer.validate` (inference
+        # mode) cannot be updated in place under the no-grad validation inside `fit`.
+        self.val_metrics.reset()
+        self._enter_ema()
+
+    def on_validation_epoch_end(self) -> None:
+        self._exit_ema()
+
+    def on_test_epoch_start(self) -> None:
+        self.test_metrics.reset()
+        self._enter_ema()
+
+    def on_test_epoch_end(self) -> None:
+        self._exit_ema()
+
+    def on_predict_epoch_start(self) -> None:
+        self._enter_ema()
+
+    def on_predict_epoch_end(self) -> None:
+        self._exit_ema()
+
+    def _eval_step(self, batch: dict[str, torch.Tensor], batch_idx: int, stage: str) -> None:
+        x = batch["image"]
+        self._check_batch(x)
+        x_rec = self(x)
+        rec, _ = self.reconstruction(x, x_rec)
+        metrics = self.val_metrics if stage == "val" else self.test_metrics
+        metrics.update(_to_unit(x_rec), _to_unit(x))
+        self.log_dict(metrics, on_epoch=True, prog_bar=True, batch_size=x.shape[0])
+        self.log(f"{stage}/rec_loss", rec, on_epoch=True, batch_size=x.shape[0], sync_dist=True)
+        if batch_idx == 0:
+            self.log_images(x, x_rec, stage)
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, "val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, "test")
+
+    def predict_step(
+        self, batch: dict[str, torch.Tensor], batch_idx: int
+    ) -> dict[str, torch.Tensor]:
+        """Returns ``{"latent": (B, C, h, w), "reconstruction": (B, C_img, H, W)}`` (EMA weights)."""
+        z = self.encode(batch["image"])
+        return {"latent": z, "reconstruction": self.decode(z).clamp(-1, 1)}
+
+    def log_images(self, x: torch.Tensor, x_rec: torch.Tensor, prefix: str) -> None:
+        """Write a grid (top rows originals, bottom rows reconstructions) to TensorBoard."""
+        n = min(self.hparams.num_log_images, x.shape[0])
+        if n == 0 or self.logger is None or not hasattr(self.logger.experiment, "add_image"):
+            return
+        nrow = max(1, int(math.sqrt(n)))
+        grid = torchvision.utils.make_grid(
+            torch.cat([x[:n], x_rec[:n].clamp(-1, 1)]).float().cpu(),
+            nrow=nrow * 2 if n >= 4 else n,
+            normalize=True,
+            value_range=(-1, 1),
+        )
+        self.logger.experiment.add_image(f"{prefix}/reconstructions", grid, self.global_step)
