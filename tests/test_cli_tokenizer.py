@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 
@@ -181,3 +182,56 @@ def test_finetune_stage_starts_from_stage1_and_freezes_encoder(tmp_path):
     for k, v in model.tokenizer.encoder.state_dict().items():
         assert torch.equal(v, enc_before[k]), k
     assert not torch.equal(model.tokenizer.decoder.conv_out.weight, dec_before)
+
+
+def test_bf16_mixed_precision_trains(tmp_path):
+    """Trainer precision picks bf16 autocast; losses stay finite and the weights move."""
+    cli = main(
+        [
+            "--config",
+            TINY,
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.precision",
+            "bf16-mixed",
+        ],
+        run=False,
+    )
+    before = cli.model.tokenizer.decoder.conv_out.weight.detach().clone()
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    after = cli.model.tokenizer.decoder.conv_out.weight
+    assert after.dtype == torch.float32  # master weights stay fp32
+    assert not torch.equal(before, after)
+    assert torch.isfinite(cli.trainer.callback_metrics["loss"])
+
+
+class _SaveAtBatch(pl.Callback):
+    """Writes a checkpoint after global batch ``at`` (as ModelCheckpoint(every_n_train_steps) does)."""
+
+    def __init__(self, at: int, path: Path) -> None:
+        self.at, self.path, self.seen = at, path, 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.seen += 1
+        if self.seen == self.at:
+            trainer.save_checkpoint(self.path)
+
+
+def test_mid_epoch_resume_is_exact(tmp_path):
+    """A checkpoint written in the middle of epoch 1 resumes to the same end state: the data
+    module stores how far into the epoch's order training got, the sampler skips it."""
+    args = ["--config", TINY, "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "4"]
+    straight = main([*args, "--trainer.default_root_dir", str(tmp_path / "a")], run=False)
+    mid = tmp_path / "mid.ckpt"
+    straight.trainer.callbacks.append(_SaveAtBatch(6, mid))  # batch 2 of epoch 1 (0-based)
+    straight.trainer.fit(straight.model, datamodule=straight.datamodule)
+    assert torch.load(mid, weights_only=True)["ReferenceDistribution"]["batches"] == 2
+
+    resumed = main([*args, "--trainer.default_root_dir", str(tmp_path / "b")], run=False)
+    resumed.trainer.fit(resumed.model, datamodule=resumed.datamodule, ckpt_path=str(mid))
+    assert int(resumed.model.batch_count) == 8
+    _assert_same(straight.model.state_dict(), resumed.model.state_dict())
+    for opt_a, opt_b in zip(straight.trainer.optimizers, resumed.trainer.optimizers, strict=True):
+        _assert_same(opt_a.state_dict(), opt_b.state_dict())

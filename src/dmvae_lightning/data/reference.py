@@ -17,22 +17,35 @@ class EpochShuffleSampler(Sampler[int]):
     Lightning calls :meth:`set_epoch` at the start of every training epoch, so a run resumed
     from a checkpoint at epoch k sees exactly the order an uninterrupted run sees at epoch k
     (a sampler drawing from a running generator would replay epoch 0's order instead).
+    :meth:`resume_at` makes the next pass over a given epoch start at an offset, for runs
+    resumed from a mid-epoch checkpoint.
     """
 
     def __init__(self, num_items: int, seed: int = 0) -> None:
         self.num_items = num_items
         self.seed = seed
         self.epoch = 0
+        self._resume: tuple[int, int] | None = None  # (epoch, first position)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def resume_at(self, epoch: int, position: int) -> None:
+        """Skip the first ``position`` items of the next pass if it is epoch ``epoch``."""
+        self._resume = (epoch, position)
 
     def __len__(self) -> int:
         return self.num_items
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.num_items, generator=generator).tolist())
+        order = torch.randperm(self.num_items, generator=generator)
+        if self._resume is not None:
+            epoch, position = self._resume
+            self._resume = None
+            if epoch == self.epoch:
+                order = order[position:]
+        return iter(order.tolist())
 
 
 class ReferenceDistribution(L.LightningDataModule):
@@ -90,6 +103,8 @@ class ReferenceDistribution(L.LightningDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.classes: list[str] | None = None
+        self._train_sampler: EpochShuffleSampler | None = None
+        self._resume: tuple[int, int] | None = None  # (epoch, items done) from a checkpoint
 
     # ---------------------------------------------------------------- configuration checks
 
@@ -208,12 +223,19 @@ class ReferenceDistribution(L.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=batch_size,
-            sampler=EpochShuffleSampler(len(dataset), hp.seed) if train else None,
+            sampler=self._make_train_sampler(dataset) if train else None,
             drop_last=train,
             num_workers=hp.num_workers,
             persistent_workers=hp.num_workers > 0,
             pin_memory=False,
         )
+
+    def _make_train_sampler(self, dataset: Dataset) -> EpochShuffleSampler:
+        self._train_sampler = EpochShuffleSampler(len(dataset), self.hparams.seed)
+        if self._resume is not None:
+            self._train_sampler.resume_at(*self._resume)
+            self._resume = None
+        return self._train_sampler
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled by :class:`EpochShuffleSampler` (order a function of ``seed`` and the epoch,
@@ -243,10 +265,18 @@ class ReferenceDistribution(L.LightningDataModule):
     def state_dict(self) -> dict[str, Any]:
         """State saved in checkpoints (only rank 0's is written, so keep it rank-independent).
 
-        Now only ``{"seed": int}``; the reference-buffer position and its RNG state will be
-        stored here when reference samples are added.
+        ``{"seed", "epoch", "batches"}``: the shuffle seed and how many training batches of
+        ``epoch`` had been trained on when the checkpoint was written, so a run resumed from a
+        mid-epoch checkpoint continues the epoch's order instead of restarting it. The
+        reference-buffer position and its RNG state will be stored here too when reference
+        samples are added.
         """
-        return {"seed": self.hparams.seed}
+        state: dict[str, Any] = {"seed": self.hparams.seed}
+        trainer = self.trainer
+        if trainer is not None and trainer.training:
+            state["epoch"] = trainer.current_epoch
+            state["batches"] = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore `state_dict`; a checkpoint made with another seed is an error."""
@@ -256,3 +286,7 @@ class ReferenceDistribution(L.LightningDataModule):
                 f"the checkpoint's data module used seed {seed} but `data.init_args.seed` is "
                 f"{self.hparams.seed}; set it to {seed} to resume the same data stream"
             )
+        if "epoch" in state_dict:
+            self._resume = (state_dict["epoch"], state_dict["batches"] * self.hparams.batch_size)
+            if self._train_sampler is not None:
+                self._train_sampler.resume_at(*self._resume)

@@ -186,6 +186,11 @@ class DMVAEModule(pl.LightningModule):
         if init_from:
             self.load_tokenizer_weights(init_from)
         self._set_trainable()
+        self._ema_parts = tuple(
+            name
+            for name in ("encoder", "bottleneck", "decoder")
+            if any(p.requires_grad for p in getattr(self.tokenizer, name).parameters())
+        )
         self.ema = EMA(self.ema_target(), decay=ema_decay, warmup=ema_warmup) if ema_decay else None
         self._ema_stack: contextlib.ExitStack | None = None
 
@@ -275,13 +280,9 @@ class DMVAEModule(pl.LightningModule):
         return self.decode(self.encode(x))
 
     def ema_target(self) -> nn.ModuleDict:
-        """The tokenizer parts that train in this stage (the only ones EMA covers)."""
-        parts = {"bottleneck": self.tokenizer.bottleneck, "decoder": self.tokenizer.decoder}
-        if any(p.requires_grad for p in self.tokenizer.encoder.parameters()):
-            parts["encoder"] = self.tokenizer.encoder
-        if self.hparams.stage == "finetune":
-            parts = {"decoder": self.tokenizer.decoder}
-        return nn.ModuleDict(parts)
+        """The tokenizer parts that train in this stage (the only ones EMA covers), fixed at
+        construction: ``encoder`` (when trainable), ``bottleneck``, ``decoder``."""
+        return nn.ModuleDict({name: getattr(self.tokenizer, name) for name in self._ema_parts})
 
     @contextlib.contextmanager
     def ema_scope(self):
