@@ -71,6 +71,33 @@ def evaluate_tokenizer(stage: Stage, root: Path, out_dir: Path) -> dict[str, flo
     return {k: float(v) for k, v in metrics.items()}
 
 
+def save_sample_grid(
+    checkpoint: str | Path,
+    out_path: str | Path,
+    per_class: int = 10,
+    steps: int = 50,
+    cfg: float = 1.0,
+    sampler: str = "euler",
+    seed: int = 0,
+) -> torch.Tensor:
+    """Decode ``per_class`` samples of every class from a LatentDiffusionModule checkpoint (EMA
+    weights, its tokenizer) into a PNG grid, one class per row. Returns the images
+    (num_classes * per_class, C, H, W) in [-1, 1]."""
+    from dmvae_lightning.modules.diffusion import LatentDiffusionModule
+
+    model = LatentDiffusionModule.load_from_checkpoint(str(checkpoint), map_location="cpu").eval()
+    num_classes = model.hparams.num_classes
+    labels = torch.arange(num_classes).repeat_interleave(per_class)
+    generator = torch.Generator().manual_seed(seed)
+    images = model.sample(
+        labels, steps=steps, cfg=cfg, sampler=sampler, generator=generator, decode=True
+    ).clamp(-1, 1)
+    grid = torchvision.utils.make_grid(images, nrow=per_class, normalize=True, value_range=(-1, 1))
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+    torchvision.utils.save_image(grid, out_path)
+    return images
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", default=".", help="repository root (holds configs/)")

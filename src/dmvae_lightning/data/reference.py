@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -9,6 +10,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from dmvae_lightning.data.images import DATASET_NAMES, build_image_dataset, locate_fashion_mnist
+from dmvae_lightning.latents import LatentCache
+
+#: Image data sets plus ``"latent_cache"`` (latents written by ``python -m dmvae_lightning.latents``).
+DATASETS = (*DATASET_NAMES, "latent_cache")
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -60,12 +65,16 @@ class ReferenceDistribution(L.LightningDataModule):
 
     Data sets (``dataset``): ``"fashion_mnist"`` (train = its train split, val = its test split,
     zero-padded to ``image_size``), ``"image_folder"`` (``root/train`` and ``root/val`` in
-    ImageNet layout, paper crops) and ``"synthetic"`` (``synthetic_size`` smooth random images,
-    for tests). ``test_dataloader`` and ``predict_dataloader`` serve the val set.
+    ImageNet layout, paper crops), ``"synthetic"`` (``synthetic_size`` smooth random images,
+    for tests) and ``"latent_cache"`` (``root/train`` and ``root/val`` written by
+    ``python -m dmvae_lightning.latents``; batches hold ``"reference"`` latents and ``"label"``
+    instead of images). ``test_dataloader`` and ``predict_dataloader`` serve the val set.
 
     Args:
-        dataset: one of ``"fashion_mnist"``, ``"image_folder"``, ``"synthetic"``.
-        root: data folder; None = Debian's Fashion-MNIST location (required for image_folder).
+        dataset: one of ``"fashion_mnist"``, ``"image_folder"``, ``"synthetic"``,
+            ``"latent_cache"``.
+        root: data folder; None = Debian's Fashion-MNIST location (required for image_folder
+            and latent_cache).
         image_size: output side in pixels (Fashion-MNIST: >= 28, padded).
         channels: 1 or 3.
         num_classes: number of classes; checked against the data set.
@@ -114,8 +123,8 @@ class ReferenceDistribution(L.LightningDataModule):
         def fail(name: str, message: str) -> None:
             raise ValueError(f"`data.init_args.{name}` {message}, got {hp[name]!r}")
 
-        if hp.dataset not in DATASET_NAMES:
-            fail("dataset", f"must be one of {list(DATASET_NAMES)}")
+        if hp.dataset not in DATASETS:
+            fail("dataset", f"must be one of {list(DATASETS)}")
         if hp.channels not in (1, 3):
             fail("channels", "must be 1 or 3")
         if hp.image_size < 1:
@@ -124,8 +133,8 @@ class ReferenceDistribution(L.LightningDataModule):
             fail("image_size", "must be >= 28 for fashion_mnist (28x28 images are zero-padded)")
         if hp.dataset == "fashion_mnist" and hp.num_classes != 10:
             fail("num_classes", "must be 10 for fashion_mnist")
-        if hp.dataset == "image_folder" and hp.root is None:
-            fail("root", "must name a folder holding train/ and val/ for dataset image_folder")
+        if hp.dataset in ("image_folder", "latent_cache") and hp.root is None:
+            fail("root", f"must name a folder holding train/ and val/ for dataset {hp.dataset}")
         for name in ("num_classes", "batch_size", "synthetic_size"):
             if hp[name] < 1:
                 fail(name, "must be >= 1")
@@ -150,6 +159,10 @@ class ReferenceDistribution(L.LightningDataModule):
 
     def _build(self, split: str) -> Dataset:
         hp = self.hparams
+        if hp.dataset == "latent_cache":
+            # items {"reference": latent (C, H, W), "label"}; the diffusion module checks that
+            # the cache was encoded by its tokenizer (LatentCache.check_tokenizer)
+            return LatentCache(Path(hp.root) / split)
         if hp.dataset == "fashion_mnist":
             kwargs: dict[str, Any] = dict(
                 root=hp.root,
