@@ -235,3 +235,39 @@ def test_mid_epoch_resume_is_exact(tmp_path):
     _assert_same(straight.model.state_dict(), resumed.model.state_dict())
     for opt_a, opt_b in zip(straight.trainer.optimizers, resumed.trainer.optimizers, strict=True):
         _assert_same(opt_a.state_dict(), opt_b.state_dict())
+
+
+def test_frozen_timm_encoder_trains_only_bottleneck_and_decoder(tmp_path):
+    """The paper's stage-1 layout at toy size: a frozen timm ViT (random weights here, a local
+    file in real runs) under an MLP bottleneck; only bottleneck and decoder train, and EMA leaves
+    the frozen backbone out."""
+    encoder = (
+        '{"name": "timm", "model_name": "vit_tiny_patch16_224", "pretrained": false, '
+        '"frozen": true, "img_size": 32, "patch_size": 8, "timm_kwargs": {"depth": 2}}'
+    )
+    decoder = '{"ch": 8, "ch_mult": [1, 1, 2, 2], "num_res_blocks": 0, "mid_attention": false}'
+    cli = main(
+        [
+            "--config",
+            TINY,
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--trainer.max_epochs",
+            "1",
+            "--model.init_args.encoder",
+            encoder,
+            "--model.init_args.decoder",
+            decoder,
+        ],
+        run=False,
+    )
+    model = cli.model
+    enc = {k: v.clone() for k, v in model.tokenizer.encoder.state_dict().items()}
+    dec = model.tokenizer.decoder.conv_out.weight.detach().clone()
+    cli.trainer.fit(model, datamodule=cli.datamodule)
+    assert all(torch.equal(v, enc[k]) for k, v in model.tokenizer.encoder.state_dict().items())
+    assert not torch.equal(model.tokenizer.decoder.conv_out.weight, dec)
+    assert model.encode(torch.zeros(2, 1, 32, 32)).shape == (2, 4, 4, 4)
+    ema_keys = [k for k in model.state_dict() if k.startswith("ema.")]
+    assert ema_keys and not [k for k in ema_keys if k.startswith("ema.encoder")]
+    assert not model.tokenizer.encoder.model.training  # frozen backbone stays in eval mode

@@ -203,6 +203,13 @@ def test_image_folder_train_crop_is_a_window_of_the_resized_image(image_root: Pa
         offsets.add(matches[0])
     assert len(offsets) > 1  # the crop really is random
 
+    # crop="center" on the training split (latent caches): the deterministic ADM crop
+    centred = ImageFolderDataset(image_root, split="train", image_size=64, crop="center")
+    source = Image.open(centred.path(0)).convert("RGB")
+    assert torch.equal(centred[0]["image"], _to_tensor(adm_center_crop(source, 64)))
+    with pytest.raises(ValueError, match="crop"):
+        ImageFolderDataset(image_root, split="train", image_size=64, crop="middle")
+
     grey = ImageFolderDataset(image_root, split="train", image_size=48, channels=1)
     item = grey[3]  # 120x160 JPEG of the dog class
     assert item["image"].shape == (1, 48, 48) and item["label"].item() == 1

@@ -350,8 +350,14 @@ def _build_dataset(args: argparse.Namespace) -> tuple[Dataset, str]:
             root=args.root, channels=args.channels, pad_to=args.image_size, hflip=False
         )
     elif args.dataset == "image_folder":
-        kwargs = dict(root=args.root, image_size=args.image_size, channels=args.channels)
-        kwargs["hflip"] = False
+        # a cache wants the deterministic centre crop; flips are stored separately (--flips)
+        kwargs = dict(
+            root=args.root,
+            image_size=args.image_size,
+            channels=args.channels,
+            hflip=False,
+            crop="center",
+        )
     else:
         kwargs = dict(
             num_samples=args.synthetic_size,
@@ -361,10 +367,6 @@ def _build_dataset(args: argparse.Namespace) -> tuple[Dataset, str]:
             seed=args.seed,
         )
     dataset = build_image_dataset(args.dataset, args.split, **kwargs)
-    if args.dataset == "image_folder" and args.split == "train":
-        # ImageFolderDataset random-crops only when split == "train"; a cache wants the
-        # deterministic centre crop (flips are stored separately with --flips).
-        dataset.split = "train-center-crop"
     description = describe_dataset(dataset)
     if args.limit is not None:
         dataset = Subset(dataset, range(min(args.limit, len(dataset))))

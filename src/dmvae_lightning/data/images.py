@@ -291,6 +291,9 @@ class ImageFolderDataset(Dataset):
             the next readable image (index + 1, wrapping) instead of raising. With DataLoader
             workers each worker counts its own copy.
         hflip: random horizontal flip of training crops.
+        crop: ``"random"`` (resize + random crop + flip) or ``"center"`` (ADM centre crop);
+            default random for ``split="train"``, centre otherwise. Latent caches encode the
+            training split with ``"center"`` and store flips separately.
 
     Raises:
         FileNotFoundError: ``root/<split>`` missing, or no class folder with images in it.
@@ -304,7 +307,10 @@ class ImageFolderDataset(Dataset):
         channels: int = 3,
         skip_bad_images: bool = False,
         hflip: bool = True,
+        crop: str | None = None,
     ) -> None:
+        if crop not in (None, "random", "center"):
+            raise ValueError(f"crop must be 'random', 'center' or None, got {crop!r}")
         if channels not in (1, 3):
             raise ValueError(f"`data.init_args.channels` must be 1 or 3, got {channels}")
         if image_size < 1:
@@ -315,6 +321,7 @@ class ImageFolderDataset(Dataset):
         self.channels = channels
         self.skip_bad_images = skip_bad_images
         self.hflip = hflip
+        self.crop = crop or ("random" if split == "train" else "center")
         self.num_skipped = 0
         self.split_dir = self.root / split
         if not self.split_dir.is_dir():
@@ -390,7 +397,7 @@ class ImageFolderDataset(Dataset):
                 log.warning("Skipping unreadable image (%s)", err.__cause__)
         else:
             raise RuntimeError(f"No readable image in {self.split_dir} (all {len(self)} failed)")
-        if self.split == "train":
+        if self.crop == "random":
             array = random_crop_flip(image, self.image_size, self.hflip)
         else:
             array = adm_center_crop(image, self.image_size)

@@ -119,6 +119,8 @@ class LatentDiffusionModule(pl.LightningModule):
         num_log_images: samples in the TensorBoard grid at each validation (needs a tokenizer).
         log_sample_steps: Euler steps of that grid.
         seed: seed of the per-step random streams.
+        compile: compile the DiT with ``torch.compile`` (in place: parameter names and
+            checkpoints are unchanged); ``compile_backend`` picks the backend.
     """
 
     def __init__(
@@ -150,6 +152,8 @@ class LatentDiffusionModule(pl.LightningModule):
         num_log_images: int = 16,
         log_sample_steps: int = 25,
         seed: int = 0,
+        compile: bool = False,
+        compile_backend: str = "inductor",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -162,6 +166,8 @@ class LatentDiffusionModule(pl.LightningModule):
         ready = latent_mean is not None and latent_scale is not None
         self.register_buffer("stats_ready", torch.tensor(ready))
         self.configure_models()
+        if compile:
+            self.dit.compile(backend=compile_backend)
         self.ema = EMA(self.dit, decay=ema_decay, warmup=ema_warmup) if ema_decay else None
         self._ema_active = False
         self._ema_stack: contextlib.ExitStack | None = None

@@ -54,7 +54,8 @@ class EncoderSpec(TypedDict, total=False):
     """Encoder options. ``name: conv`` -> :class:`~dmvae_lightning.nets.encoders.ConvEncoder`
     (keys ch, ch_mult, num_res_blocks, mid_attention); ``name: timm`` ->
     :class:`~dmvae_lightning.nets.encoders.TimmEncoder` (keys model_name, pretrained,
-    weights_path, frozen, img_size, patch_size)."""
+    weights_path, frozen, img_size, patch_size, and ``timm_kwargs`` for any other
+    ``timm.create_model`` argument, e.g. ``{depth: 12, drop_path_rate: 0.1}``)."""
 
     name: Literal["conv", "timm"]
     ch: int
@@ -67,6 +68,7 @@ class EncoderSpec(TypedDict, total=False):
     frozen: bool
     img_size: int
     patch_size: int
+    timm_kwargs: dict[str, Any]
 
 
 class DecoderSpec(TypedDict, total=False):
@@ -212,6 +214,7 @@ class DMVAEModule(pl.LightningModule):
         The module must expose ``out_dim`` (D). Override to plug in another backbone."""
         spec: dict[str, Any] = {"name": "conv", **(self.hparams.encoder or {})}
         spec.setdefault("in_channels", self.hparams.image_channels)
+        spec.update(spec.pop("timm_kwargs", None) or {})
         return build_encoder(spec)
 
     def build_bottleneck(self, in_dim: int) -> nn.Module:
