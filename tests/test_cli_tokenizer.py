@@ -271,3 +271,37 @@ def test_frozen_timm_encoder_trains_only_bottleneck_and_decoder(tmp_path):
     ema_keys = [k for k in model.state_dict() if k.startswith("ema.")]
     assert ema_keys and not [k for k in ema_keys if k.startswith("ema.encoder")]
     assert not model.tokenizer.encoder.model.training  # frozen backbone stays in eval mode
+
+
+class _WeightsSeenInValidation(pl.Callback):
+    def __init__(self) -> None:
+        self.seen: list[torch.Tensor] = []
+        self.last_trained: torch.Tensor | None = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.last_trained = pl_module.tokenizer.decoder.conv_out.weight.detach().clone()
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self.seen.append(pl_module.tokenizer.decoder.conv_out.weight.detach().clone())
+
+
+def test_validation_runs_on_ema_weights_and_restores_the_trained_ones(tmp_path):
+    cli = main(
+        [
+            "--config",
+            TINY,
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--trainer.max_epochs",
+            "1",
+        ],
+        run=False,
+    )
+    spy = _WeightsSeenInValidation()
+    cli.trainer.callbacks.append(spy)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    model = cli.model
+    ema_weight = model.ema.decoder__conv_out__weight
+    assert not torch.equal(ema_weight, spy.last_trained)  # decay 0.9: the average lags
+    assert spy.seen and torch.equal(spy.seen[-1], ema_weight)  # validation saw the EMA
+    assert torch.equal(model.tokenizer.decoder.conv_out.weight, spy.last_trained)  # swapped back

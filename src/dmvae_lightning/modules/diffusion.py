@@ -53,6 +53,7 @@ from torch import nn
 from dmvae_lightning import flow
 from dmvae_lightning.ema import EMA
 from dmvae_lightning.latents import load_frozen_tokenizer
+from dmvae_lightning.modules.common import EMAInEvaluation, linear_warmup
 from dmvae_lightning.nets.dit import DiT
 from dmvae_lightning.utils.rng import step_rng, step_seed
 
@@ -83,14 +84,7 @@ class DiTSpec(TypedDict, total=False):
     time_embed_scale: float
 
 
-def _warmup(steps: int):
-    def fn(step: int) -> float:
-        return 1.0 if steps <= 0 else min(1.0, (step + 1) / steps)
-
-    return fn
-
-
-class LatentDiffusionModule(pl.LightningModule):
+class LatentDiffusionModule(EMAInEvaluation, pl.LightningModule):
     """Flow-matching DiT on (normalised) latents, with EMA, CFG sampling and latent statistics.
 
     Args:
@@ -170,7 +164,6 @@ class LatentDiffusionModule(pl.LightningModule):
             self.dit.compile(backend=compile_backend)
         self.ema = EMA(self.dit, decay=ema_decay, warmup=ema_warmup) if ema_decay else None
         self._ema_active = False
-        self._ema_stack: contextlib.ExitStack | None = None
         self.encode_images = tokenizer_ckpt is not None if encode_images is None else encode_images
         if self.encode_images and not tokenizer_ckpt:
             raise ValueError(
@@ -399,23 +392,13 @@ class LatentDiffusionModule(pl.LightningModule):
         finally:
             self._ema_active = False
 
-    def _enter_ema(self) -> None:
-        if self._ema_stack is None:
-            self._ema_stack = contextlib.ExitStack()
-            self._ema_stack.enter_context(self.ema_scope())
-
-    def _exit_ema(self) -> None:
-        if self._ema_stack is not None:
-            self._ema_stack.close()
-            self._ema_stack = None
-
     # ------------------------------------------------------------------ Lightning: training
     def configure_optimizers(self):
         hp = self.hparams
         opt = torch.optim.AdamW(
             self.dit.parameters(), lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay
         )
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup(hp.warmup_steps))
+        sched = linear_warmup(opt, hp.warmup_steps)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -464,24 +447,6 @@ class LatentDiffusionModule(pl.LightningModule):
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch, batch_idx, "test")
-
-    def on_validation_epoch_start(self) -> None:
-        self._enter_ema()
-
-    def on_validation_epoch_end(self) -> None:
-        self._exit_ema()
-
-    def on_test_epoch_start(self) -> None:
-        self._enter_ema()
-
-    def on_test_epoch_end(self) -> None:
-        self._exit_ema()
-
-    def on_predict_epoch_start(self) -> None:
-        self._enter_ema()
-
-    def on_predict_epoch_end(self) -> None:
-        self._exit_ema()
 
     def predict_step(
         self, batch: dict[str, torch.Tensor], batch_idx: int

@@ -43,6 +43,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 from dmvae_lightning.ema import EMA
 from dmvae_lightning.losses.adversarial import AdversarialLoss
 from dmvae_lightning.losses.reconstruction import ReconstructionLoss
+from dmvae_lightning.modules.common import EMAInEvaluation, linear_warmup
 from dmvae_lightning.nets.decoder import Decoder
 from dmvae_lightning.nets.discriminator import PatchDiscriminator
 from dmvae_lightning.nets.encoders import MLPBottleneck, build_encoder
@@ -101,14 +102,7 @@ def _to_unit(x: torch.Tensor) -> torch.Tensor:
     return ((x.float() + 1) / 2).clamp(0, 1)
 
 
-def _warmup_lambda(warmup_steps: int):
-    def fn(step: int) -> float:
-        return 1.0 if warmup_steps <= 0 else min(1.0, (step + 1) / warmup_steps)
-
-    return fn
-
-
-class DMVAEModule(pl.LightningModule):
+class DMVAEModule(EMAInEvaluation, pl.LightningModule):
     """Tokenizer with reconstruction, adversarial (and, from stage 3, matching) losses.
 
     Args:
@@ -194,7 +188,6 @@ class DMVAEModule(pl.LightningModule):
             if any(p.requires_grad for p in getattr(self.tokenizer, name).parameters())
         )
         self.ema = EMA(self.ema_target(), decay=ema_decay, warmup=ema_warmup) if ema_decay else None
-        self._ema_stack: contextlib.ExitStack | None = None
 
     # ------------------------------------------------------------------ hooks: networks
     def configure_models(self) -> None:
@@ -376,9 +369,8 @@ class DMVAEModule(pl.LightningModule):
             betas=hp.betas,
             weight_decay=hp.disc_weight_decay,
         )
-        lam = _warmup_lambda(hp.warmup_steps)
-        sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, lam)
-        sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, lam)
+        sched_g = linear_warmup(opt_g, hp.warmup_steps)
+        sched_d = linear_warmup(opt_d, hp.warmup_steps)
         return [opt_g, opt_d], [
             {"scheduler": sched_g, "interval": "step"},
             {"scheduler": sched_d, "interval": "step"},
@@ -434,38 +426,16 @@ class DMVAEModule(pl.LightningModule):
         self.log_dict(logs, on_step=True, on_epoch=False, batch_size=x.shape[0])
         self.log("loss", logs["train/g_loss"], prog_bar=True, on_step=True, batch_size=x.shape[0])
 
-    # EMA weights are swapped in for every evaluation loop (validation, test, predict).
-    def _enter_ema(self) -> None:
-        if self._ema_stack is None:
-            self._ema_stack = contextlib.ExitStack()
-            self._ema_stack.enter_context(self.ema_scope())
-
-    def _exit_ema(self) -> None:
-        if self._ema_stack is not None:
-            self._ema_stack.close()
-            self._ema_stack = None
-
+    # EMA weights are swapped in for every evaluation loop (EMAInEvaluation).
     def on_validation_epoch_start(self) -> None:
         # Fresh states under this loop's grad mode: states left by a `trainer.validate` (inference
         # mode) cannot be updated in place under the no-grad validation inside `fit`.
         self.val_metrics.reset()
-        self._enter_ema()
-
-    def on_validation_epoch_end(self) -> None:
-        self._exit_ema()
+        super().on_validation_epoch_start()
 
     def on_test_epoch_start(self) -> None:
         self.test_metrics.reset()
-        self._enter_ema()
-
-    def on_test_epoch_end(self) -> None:
-        self._exit_ema()
-
-    def on_predict_epoch_start(self) -> None:
-        self._enter_ema()
-
-    def on_predict_epoch_end(self) -> None:
-        self._exit_ema()
+        super().on_test_epoch_start()
 
     def _eval_step(self, batch: dict[str, torch.Tensor], batch_idx: int, stage: str) -> None:
         x = batch["image"]
