@@ -5,6 +5,7 @@ Examples::
     dmvae fit --config configs/fashion_mnist/tokenizer.yaml
     dmvae fit --config configs/imagenet.yaml --trainer.num_nodes 4
     dmvae fit --config configs/fashion_mnist/tokenizer.yaml --print_config
+    dmvae import_public dit --src public_dit.pt --out generator.ckpt   # see convert.py
 
 Model and data are chosen by ``class_path`` (subclass mode), so classes of other projects plug in
 without touching this file. Unknown or misspelled options are parse errors.
@@ -13,6 +14,7 @@ without touching this file. Unknown or misspelled options are parse errors.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no model hub here; must precede any timm import
@@ -38,8 +40,18 @@ class DMVAECLI(LightningCLI):
                 )
 
 
-def main(args: ArgsType = None, run: bool = True) -> LightningCLI:
-    """Entry point of the ``dmvae`` console script; tests call ``main([...])`` in-process."""
+def main(args: ArgsType = None, run: bool = True) -> LightningCLI | None:
+    """Entry point of the ``dmvae`` console script; tests call ``main([...])`` in-process.
+
+    ``dmvae import_public ...`` is not a Lightning subcommand: it runs the checkpoint importer
+    (:func:`dmvae_lightning.convert.main`) and returns None.
+    """
+    argv = sys.argv[1:] if args is None else args
+    if isinstance(argv, (list, tuple)) and argv and argv[0] == "import_public":
+        from dmvae_lightning import convert
+
+        convert.main(list(argv[1:]))
+        return None
     return DMVAECLI(
         model_class=pl.LightningModule,
         datamodule_class=pl.LightningDataModule,
