@@ -126,6 +126,13 @@ def test_dit_import_reproduces_public_forward_and_cfg(dit_fx, dit_ckpt):
     torch.testing.assert_close(out_ema, ref, rtol=0, atol=1e-5)
     torch.testing.assert_close(guided, dit_fx["cfg"]["output"][:2], rtol=0, atol=5e-5)
     torch.testing.assert_close(guided, dit_fx["cfg"]["output"][2:], rtol=0, atol=5e-5)
+    # the public default (standard_cfg=False): guidance on channels 0-2 only, rows 0-1
+    with torch.no_grad():
+        partial = module.dit.forward_with_cfg(
+            cin["x"][:2], cin["t"][:2], cin["y"][:2], scale, guided_channels=3
+        )
+    torch.testing.assert_close(partial, dit_fx["cfg"]["output_default"][:2], rtol=0, atol=5e-5)
+    assert (partial[:, 3:] - guided[:, 3:]).abs().max() > 1e-2  # the option is live
     info = torch.load(dit_ckpt, weights_only=True)["dmvae_import"]
     assert max(info["fixed_table_max_abs_diff"].values()) < 1e-6
     assert set(info["ignored"]) >= {"pos_embed", "feat_rope.freqs_cos", "feat_rope.freqs_sin"}

@@ -628,11 +628,15 @@ class DiT(nn.Module):
         cfg_scale: float,
         null_class: int | None = None,
         interval: tuple[float, float] | None = None,
+        guided_channels: int | None = None,
     ) -> torch.Tensor:
         """Standard classifier-free guidance ``v_null + s * (v_cond - v_null)`` on all channels.
 
         Cond and null run as ONE batched forward of size 2N; random label dropout is disabled.
         ``interval=(lo, hi)`` guides only samples with lo <= t <= hi (others get v_cond).
+        ``guided_channels=k`` guides only channels ``[:k]`` and returns ``v_cond`` elsewhere: the
+        public ``forward_with_cfg(standard_cfg=False)`` default (k = 3, a DiT leftover; its
+        sampler never uses it), kept so imported models reproduce every public output.
         Takes the N inputs once (unlike the public method, which wants them duplicated).
         Returns (N, C, H, W) fp32.
         """
@@ -641,7 +645,18 @@ class DiT(nn.Module):
             return self(xx, tt, yy, force_drop_ids=torch.zeros_like(yy, dtype=torch.bool))
 
         null = self.num_classes if null_class is None else null_class
-        return cfg_velocity(model_fn, x, t, y, cfg_scale, null, interval=interval)
+        if guided_channels is None:
+            return cfg_velocity(model_fn, x, t, y, cfg_scale, null, interval=interval)
+        if interval is not None:
+            raise ValueError("guided_channels and interval cannot be combined")
+        n = x.shape[0]
+        tt = torch.as_tensor(t, dtype=torch.float32, device=x.device).expand(n)
+        out = model_fn(
+            torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([y, torch.full_like(y, null)])
+        ).float()
+        v_cond, v_null = out[:n], out[n:]
+        guided = v_null + cfg_scale * (v_cond - v_null)
+        return torch.cat([guided[:, :guided_channels], v_cond[:, guided_channels:]], dim=1)
 
     @classmethod
     def from_preset(cls, name: str, **kwargs: Any) -> DiT:
