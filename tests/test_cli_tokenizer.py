@@ -65,8 +65,8 @@ def test_fit_trains_and_reconstruction_improves(tmp_path):
 
 
 def test_rerun_in_same_dir_overwrites_config(tmp_path):
-    fit(tmp_path, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1")
-    fit(tmp_path, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1")
+    fit(tmp_path, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2")
+    fit(tmp_path, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2")
     assert list(tmp_path.rglob("config.yaml"))
 
 

@@ -383,7 +383,6 @@ def test_public_dmvae_config_predicts_with_imported_weights(
             "--trainer.devices=1",
             "--trainer.strategy=auto",
             "--trainer.precision=32-true",
-            "--trainer.limit_predict_batches=1",
             "--trainer.enable_progress_bar=false",
             "--model.init_args.tokenizer_ckpt",
             str(tokenizer_ckpt),
@@ -391,7 +390,7 @@ def test_public_dmvae_config_predicts_with_imported_weights(
             "--data.init_args.dataset=synthetic",
             "--data.init_args.image_size=32",
             "--data.init_args.num_classes=10",
-            "--data.init_args.synthetic_size=4",
+            "--data.init_args.synthetic_size=2",  # one batch of 2 (no limit_* flag: "1" is ambiguous)
             "--data.init_args.val_batch_size=2",
             "--data.init_args.num_workers=0",
         ]

@@ -236,21 +236,44 @@ class MLPBottleneck(nn.Module):
 
     Keys `mlp.0.*`, `mlp.2.*` match the public checkpoints' `bottle_neck.mlp.{0,2}`.
     Input (B, in_dim, h, w) -> (B, out_dim, h, w), or tokens (B, N, in_dim) -> (B, N, out_dim).
+
+    With `gaussian=True` the last layer has 2 * out_dim outputs, split along the channel dim
+    into the posterior mean (first out_dim) and log-variance (last out_dim, clamped to
+    [-30, 20]) of a diagonal Gaussian, as returned by `forward_stats`. `forward` then returns
+    the mean in eval mode and a reparameterised sample `mean + exp(logvar / 2) * N(0, I)` in
+    train mode (noise from the global RNG).
     """
 
-    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int) -> None:
+    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int, gaussian: bool = False) -> None:
         super().__init__()
-        self.in_dim, self.out_dim = in_dim, out_dim
+        self.in_dim, self.out_dim, self.gaussian = in_dim, out_dim, gaussian
         self.mlp = nn.Sequential(
-            nn.Linear(in_dim, hidden_dim), nn.SiLU(), nn.Linear(hidden_dim, out_dim)
+            nn.Linear(in_dim, hidden_dim),
+            nn.SiLU(),
+            nn.Linear(hidden_dim, 2 * out_dim if gaussian else out_dim),
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim == 3:
             return self.mlp(x)
         if x.ndim == 4:
             return self.mlp(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
         raise ValueError(f"MLPBottleneck expects (B, D, h, w) or (B, N, D), got {tuple(x.shape)}")
+
+    def forward_stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(mean, logvar)`, each shaped like the deterministic output; needs `gaussian=True`."""
+        if not self.gaussian:
+            raise RuntimeError("MLPBottleneck.forward_stats needs gaussian=True")
+        mean, logvar = self._mlp(x).chunk(2, dim=1 if x.ndim == 4 else -1)
+        return mean, logvar.clamp(-30.0, 20.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.gaussian:
+            return self._mlp(x)
+        mean, logvar = self.forward_stats(x)
+        if not self.training:
+            return mean
+        return mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
 
 
 _ENCODERS: dict[str, type[nn.Module]] = {"conv": ConvEncoder, "timm": TimmEncoder}
