@@ -305,3 +305,32 @@ def test_validation_runs_on_ema_weights_and_restores_the_trained_ones(tmp_path):
     assert not torch.equal(ema_weight, spy.last_trained)  # decay 0.9: the average lags
     assert spy.seen and torch.equal(spy.seen[-1], ema_weight)  # validation saw the EMA
     assert torch.equal(model.tokenizer.decoder.conv_out.weight, spy.last_trained)  # swapped back
+
+
+@pytest.mark.parametrize("source", ["gaussian", "diffusion_noise"])
+def test_reference_configs_state_shape_and_classes_once(source):
+    """The reference-source configs give the latent shape and classes only in the data section;
+    the CLI links them into the model (a nested diffusion-noise base included)."""
+    config = REPO / "configs" / "reference_sources" / f"{source}.yaml"
+    text = config.read_text()
+    assert "latent_shape" not in text and "num_classes" not in text
+    cli = main(["--config", str(config), "--trainer.logger", "false"], run=False)
+    assert list(cli.model.hparams.latent_shape) == [4, 8, 8]
+    assert cli.model.hparams.num_classes == cli.datamodule.hparams.num_classes == 10
+
+
+def test_unlinked_latent_shape_names_the_options(tmp_path):
+    with pytest.raises((ValueError, SystemExit), match=r"latent_shape.*reference\.shape"):
+        main(
+            [
+                "--config",
+                str(REPO / "configs" / "fashion_mnist" / "diffusion.yaml"),
+                "--model.init_args.latent_shape",
+                "null",
+                "--model.init_args.tokenizer_ckpt",
+                "null",
+                "--model.init_args.encode_images",
+                "false",
+            ],
+            run=False,
+        )

@@ -23,11 +23,38 @@ import lightning.pytorch as pl  # noqa: E402
 from lightning.pytorch.cli import ArgsType, LightningCLI  # noqa: E402
 
 
+def link_data_to_model(config) -> None:
+    """State shape and class information once, in the data section.
+
+    A model argument ``latent_shape`` / ``num_classes`` that the YAML leaves unset (None) is
+    filled from ``data.init_args.reference.shape`` / ``data.init_args.num_classes``. (A plain
+    ``link_arguments`` cannot do this in subclass mode: it would also overwrite models and data
+    modules that do not have these values, e.g. a tokenizer stage or a latent cache.)
+    """
+    model = config.get("model")
+    data = config.get("data")
+    if not model or not data or not model.get("init_args") or not data.get("init_args"):
+        return
+    margs, dargs = model["init_args"], data["init_args"]
+    if "latent_shape" in margs and margs.get("latent_shape") is None:
+        reference = dargs.get("reference") or {}
+        shape = None
+        while reference and hasattr(reference, "get") and shape is None:  # nested bases
+            shape = reference.get("shape")
+            reference = reference.get("base") or {}
+        if shape:
+            margs["latent_shape"] = list(shape)
+    if "num_classes" in margs and margs.get("num_classes") is None:
+        if dargs.get("num_classes") is not None:
+            margs["num_classes"] = dargs["num_classes"]
+
+
 class DMVAECLI(LightningCLI):
     """LightningCLI with the checks a long-running training job wants before it starts."""
 
     def before_instantiate_classes(self) -> None:
         subcommand = self.config.get("subcommand")
+        link_data_to_model(self.config[subcommand] if subcommand else self.config)
         if subcommand is None:
             return
         ckpt_path = self.config[subcommand].get("ckpt_path")

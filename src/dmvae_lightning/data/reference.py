@@ -1,16 +1,20 @@
-"""`ReferenceDistribution`: the data module of every stage (images, labels, later reference samples)."""
+"""`ReferenceDistribution`: the data module of every stage (images, labels, reference samples)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
+from dmvae_lightning.callbacks.reference_feeder import ReferenceFeeder
 from dmvae_lightning.data.images import DATASET_NAMES, build_image_dataset, locate_fashion_mnist
-from dmvae_lightning.latents import LatentCache
+from dmvae_lightning.data.sources import ReferenceSpec, SourceContext
+from dmvae_lightning.latents import META_FILE, LatentCache, describe_dataset
 
 #: Image data sets plus ``"latent_cache"`` (latents written by ``python -m dmvae_lightning.latents``).
 DATASETS = (*DATASET_NAMES, "latent_cache")
@@ -53,15 +57,50 @@ class EpochShuffleSampler(Sampler[int]):
         return iter(order.tolist())
 
 
+class IndexedDataset(Dataset):
+    """Items of ``dataset`` with ``"index"``: the item's position (int64 scalar) added, so
+    per-item feature caches can address rows."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        item = dict(self.dataset[index])
+        item["index"] = torch.tensor(int(index), dtype=torch.int64)
+        return item
+
+
 class ReferenceDistribution(L.LightningDataModule):
-    """Images with labels, and (in a later version) samples of the reference distribution.
+    """Images with labels, and samples of the reference distribution ``p_r(z)``.
 
     Batch contract (every dataloader): a dict with
       * ``"image"``: float32 ``(B, channels, image_size, image_size)`` in ``[-1, 1]``;
       * ``"label"``: int64 ``(B,)`` in ``[0, num_classes)``;
-      * ``"reference"`` (added later, train batches only): samples of the reference
-        distribution ``p_r(z)`` fed from the main process, so modules must read it with
-        ``batch.get("reference")`` and must not rely on other keys being absent.
+      * with ``reference`` set, batches also hold ``"index"`` (int64 ``(B,)``, the items'
+        positions in their split) and, once on the module's device, ``"reference"`` (float32
+        ``(B, C, H, W)``, one sample of ``p_r`` per item) and, for sources with labels,
+        ``"reference_label"`` (int64 ``(B,)``). Modules must read ``batch.get("reference")``
+        and must not rely on other keys being absent.
+
+    Reference samples (``reference``, a :class:`~dmvae_lightning.data.sources.ReferenceSpec`;
+    sources in :mod:`dmvae_lightning.data.sources`) are fed by a
+    :class:`~dmvae_lightning.callbacks.reference_feeder.ReferenceFeeder` that this data module
+    owns and calls from its ``on_after_batch_transfer`` hook: in the training process, after
+    the batch reached the module's device, under the trainer's precision context. Training
+    batches get the training stream; validation and test batches a held-out stream keyed by
+    item index (the same every epoch); predict batches nothing. Nothing has to be listed in
+    ``trainer.callbacks``. A LightningModule's own ``on_after_batch_transfer`` override still
+    runs (called after feeding; Lightning warns that the data module's hook wins, which is
+    expected). Class-conditional sources (per-class
+    GMM, text, encoder features) follow ``batch["label"]``, so a reference model conditions on
+    ``batch["label"]`` as usual.
+
+    Checkpoints hold the feed count and the fitted state of the source (``state_dict``), the
+    same on every rank; each rank draws its own stream (seed mixed with the rank), so resumed
+    runs continue exactly. Validation can use :meth:`reference_sample` (deterministic).
 
     Data sets (``dataset``): ``"fashion_mnist"`` (train = its train split, val = its test split,
     zero-padded to ``image_size``), ``"image_folder"`` (``root/train`` and ``root/val`` in
@@ -86,7 +125,11 @@ class ReferenceDistribution(L.LightningDataModule):
         val_subset: use only the first N val images (deterministic).
         train_subset: use N training images drawn once with ``seed`` (sorted by index).
         synthetic_size: number of images per split of the synthetic data set.
-        seed: seeds the training shuffle, the train subset and the synthetic images.
+        seed: seeds the training shuffle, the train subset, the synthetic images and the
+            reference sample streams.
+        reference: the reference source (:class:`~dmvae_lightning.data.sources.ReferenceSpec`);
+            None = no reference samples. Not allowed with ``dataset: latent_cache`` (its batches
+            already hold ``"reference"``; use a ``bank`` source on a cache folder instead).
     """
 
     def __init__(
@@ -105,10 +148,14 @@ class ReferenceDistribution(L.LightningDataModule):
         train_subset: int | None = None,
         synthetic_size: int = 512,
         seed: int = 0,
+        reference: ReferenceSpec | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self._check_arguments()
+        self.feeder: ReferenceFeeder | None = None
+        if reference is not None:
+            self.feeder = ReferenceFeeder(reference, seed=seed, option="data.init_args.reference")
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.classes: list[str] | None = None
@@ -143,6 +190,12 @@ class ReferenceDistribution(L.LightningDataModule):
         for name in ("val_batch_size", "val_subset", "train_subset"):
             if hp[name] is not None and hp[name] < 1:
                 fail(name, "must be >= 1 or null")
+        if hp.reference is not None and hp.dataset == "latent_cache":
+            raise ValueError(
+                "`data.init_args.reference` must be null with `data.init_args.dataset: "
+                "latent_cache` (its batches already hold 'reference'); to sample from a latent "
+                "cache, use reference {name: bank, path: <cache folder>} on image data"
+            )
 
     # ---------------------------------------------------------------- data sets
 
@@ -150,6 +203,28 @@ class ReferenceDistribution(L.LightningDataModule):
     def image_shape(self) -> tuple[int, int, int]:
         """Shape ``(C, H, W)`` of one image."""
         return (self.hparams.channels, self.hparams.image_size, self.hparams.image_size)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int] | None:
+        """``(C, H, W)`` of the samples in ``batch["reference"]``: the reference source's shape,
+        or a latent cache's (read from ``root/train/meta.json``); None when there are none."""
+        if self.feeder is not None:
+            return tuple(self.feeder.shape)
+        if self.hparams.dataset == "latent_cache":
+            meta = json.loads((Path(self.hparams.root) / "train" / META_FILE).read_text())
+            return tuple(int(s) for s in meta["latent_shape"])
+        return None
+
+    @property
+    def num_classes(self) -> int:
+        """Classes of ``batch["label"]`` (what a class-conditional model conditions on)."""
+        return int(self.hparams.num_classes)
+
+    @property
+    def reference_num_classes(self) -> int:
+        """Classes of ``batch["reference_label"]`` (0: the source has no labels). Text sources
+        with names taken from the data set know it only after :meth:`setup`."""
+        return 0 if self.feeder is None else int(self.feeder.source.num_classes)
 
     def prepare_data(self) -> None:
         """Download Fashion-MNIST if (and only if) no local copy is found (rank 0 only)."""
@@ -223,6 +298,41 @@ class ReferenceDistribution(L.LightningDataModule):
             )
         if self.val_set is None:
             self.val_set = self._subset(self._build("val"), hp.val_subset, "val_subset", None)
+        if self.feeder is not None:
+            if self.train_set is not None and not isinstance(self.train_set, IndexedDataset):
+                self.train_set = IndexedDataset(self.train_set)
+            if not isinstance(self.val_set, IndexedDataset):
+                self.val_set = IndexedDataset(self.val_set)
+            self.feeder.prepare(self._source_context())
+
+    def _source_context(self) -> SourceContext:
+        hp = self.hparams
+        trainer = self.trainer
+        train_set = self.train_set
+        dataset_id = None
+        if train_set is not None:
+            inner = train_set.dataset if isinstance(train_set, IndexedDataset) else train_set
+            subset = f"{hp.train_subset}@seed{hp.seed}" if hp.train_subset else "all"
+            dataset_id = f"{describe_dataset(inner)}|n={len(inner)}|subset={subset}"
+        return SourceContext(
+            image_channels=hp.channels,
+            num_classes=hp.num_classes,
+            class_names=self.classes,
+            train_set=train_set,
+            dataset_id=dataset_id or "",
+            local_zero=trainer is None or trainer.local_rank == 0,
+            barrier=self._barrier,
+            broadcast=self._broadcast,
+        )
+
+    def _barrier(self) -> None:
+        if self.trainer is not None:
+            self.trainer.strategy.barrier("reference_source")
+
+    def _broadcast(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.trainer is not None:
+            return self.trainer.strategy.broadcast(tensor, src=0)
+        return tensor
 
     # ---------------------------------------------------------------- loaders
 
@@ -273,6 +383,50 @@ class ReferenceDistribution(L.LightningDataModule):
         """Same as `val_dataloader`."""
         return self._loader(self.val_set, train=False)
 
+    # ---------------------------------------------------------------- reference samples
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """On the module's device: add reference samples to training batches (training stream)
+        and to validation / test batches (held-out stream, the same every epoch); then run the
+        LightningModule's own ``on_after_batch_transfer`` if it has one (Lightning calls only
+        the data module's when both exist)."""
+        trainer = self.trainer
+        if self.feeder is not None and trainer is not None and isinstance(batch, dict):
+            context = trainer.precision_plugin.forward_context
+            if trainer.training:
+                self.feeder.feed(batch, trainer.global_rank, context)
+            elif trainer.validating or trainer.testing or trainer.sanity_checking:
+                self.feeder.feed(batch, trainer.global_rank, context, held_out=True)
+        module = trainer.lightning_module if trainer is not None else None
+        if module is not None and is_overridden("on_after_batch_transfer", module):
+            batch = module.on_after_batch_transfer(batch, dataloader_idx)
+        return batch
+
+    def reference_sample(
+        self, n: int, device: torch.device | str = "cpu"
+    ) -> dict[str, torch.Tensor]:
+        """A held-out reference sample: the held-out feed of the first ``n`` validation items
+        as one batch (their labels, and images for encoder-feature sources), identical on every
+        call and rank, and equal to the first validation batch's when ``n`` is its size.
+
+        Returns the stacked validation items (``"image"``, ``"label"`` (n,) int64, ``"index"``)
+        with ``"reference"`` (n, C, H, W) float32 and, when the source has labels,
+        ``"reference_label"`` (n,), all on ``device``.
+        """
+        if self.feeder is None:
+            raise RuntimeError("reference_sample() needs `data.init_args.reference`")
+        if self.val_set is None:
+            self.setup("validate")
+        if n > len(self.val_set):
+            raise ValueError(
+                f"reference_sample({n}) needs {n} validation items, the val set has "
+                f"{len(self.val_set)} (`data.init_args.val_subset`)"
+            )
+        items = [self.val_set[i] for i in range(n)]
+        batch = {key: torch.stack([item[key] for item in items]).to(device) for key in items[0]}
+        self.feeder.feed(batch, held_out=True)
+        return batch
+
     # ---------------------------------------------------------------- checkpoint state
 
     def state_dict(self) -> dict[str, Any]:
@@ -280,15 +434,17 @@ class ReferenceDistribution(L.LightningDataModule):
 
         ``{"seed", "epoch", "batches"}``: the shuffle seed and how many training batches of
         ``epoch`` had been trained on when the checkpoint was written, so a run resumed from a
-        mid-epoch checkpoint continues the epoch's order instead of restarting it. The
-        reference-buffer position and its RNG state will be stored here too when reference
-        samples are added.
+        mid-epoch checkpoint continues the epoch's order instead of restarting it. With a
+        reference source, ``"reference"`` holds the feeder's state (source name, feed count,
+        fitted source state): the per-rank streams derive from it.
         """
         state: dict[str, Any] = {"seed": self.hparams.seed}
         trainer = self.trainer
         if trainer is not None and trainer.training:
             state["epoch"] = trainer.current_epoch
             state["batches"] = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        if self.feeder is not None:
+            state["reference"] = self.feeder.state_dict()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -303,3 +459,5 @@ class ReferenceDistribution(L.LightningDataModule):
             self._resume = (state_dict["epoch"], state_dict["batches"] * self.hparams.batch_size)
             if self._train_sampler is not None:
                 self._train_sampler.resume_at(*self._resume)
+        if self.feeder is not None and "reference" in state_dict:
+            self.feeder.load_state_dict(state_dict["reference"])

@@ -88,8 +88,10 @@ class LatentDiffusionModule(EMAInEvaluation, pl.LightningModule):
     """Flow-matching DiT on (normalised) latents, with EMA, CFG sampling and latent statistics.
 
     Args:
-        latent_shape: ``[C, H, W]`` of one raw latent.
-        num_classes: real classes (labels in ``[0, num_classes)``); 0 = unconditional.
+        latent_shape: ``[C, H, W]`` of one raw latent. Left out of a ``dmvae`` config, it is
+            taken from ``data.init_args.reference.shape`` (see :mod:`dmvae_lightning.cli`).
+        num_classes: real classes (labels in ``[0, num_classes)``); 0 = unconditional. Left out
+            of a ``dmvae`` config, it is taken from ``data.init_args.num_classes``.
         dit: :class:`DiTSpec` (default preset ``"tiny"``).
         class_dropout_prob: label-dropout probability in training (trains the null class for CFG).
         input_key: batch key holding latents when no tokenizer encodes images.
@@ -119,8 +121,8 @@ class LatentDiffusionModule(EMAInEvaluation, pl.LightningModule):
 
     def __init__(
         self,
-        latent_shape: list[int],
-        num_classes: int = 1000,
+        latent_shape: list[int] | None = None,
+        num_classes: int | None = None,
         dit: DiTSpec | None = None,
         class_dropout_prob: float = 0.1,
         input_key: str = "reference",
@@ -183,6 +185,16 @@ class LatentDiffusionModule(EMAInEvaluation, pl.LightningModule):
 
     def _check_arguments(self) -> None:
         hp = self.hparams
+        if hp.latent_shape is None:
+            raise ValueError(
+                "model.init_args.latent_shape is not set: give [C, H, W], or a reference source "
+                "with a shape (data.init_args.reference.shape) for the dmvae CLI to link."
+            )
+        if hp.num_classes is None:
+            raise ValueError(
+                "model.init_args.num_classes is not set: give it (0 = unconditional), or let the "
+                "dmvae CLI link it from data.init_args.num_classes."
+            )
         shape = list(hp.latent_shape)
         if len(shape) != 3 or any(int(s) < 1 for s in shape):
             raise ValueError(f"model.init_args.latent_shape must be [C, H, W], got {shape}")
@@ -336,7 +348,7 @@ class LatentDiffusionModule(EMAInEvaluation, pl.LightningModule):
             for index, batch in enumerate(batches):
                 if index >= hp.stats_batches:
                     break
-                z = self.get_latents(move_data_to_device(batch, self.device)).double()
+                z = self.get_latents(self._to_device(batch)).double()
                 sums += torch.stack([z.new_tensor(z.numel()), z.sum(), z.square().sum()])
         if trainer is not None:
             sums = trainer.strategy.reduce(sums, reduce_op="sum")
@@ -359,6 +371,14 @@ class LatentDiffusionModule(EMAInEvaluation, pl.LightningModule):
             f"latent_scale={scale:.6g} (std {1.0 / scale:.6g})"
         )
         return mean, scale
+
+    def _to_device(self, batch: Any) -> Any:
+        """Move a batch as training does: through the strategy, so the DataModule's and this
+        module's batch-transfer hooks run (e.g. the reference feeder adds ``"reference"``)."""
+        trainer = self._trainer
+        if trainer is None:
+            return move_data_to_device(batch, self.device)
+        return trainer.strategy.batch_to_device(batch, self.device)
 
     def on_fit_start(self) -> None:
         """With a tokenizer and training latents read from a latent cache, check that the cache
