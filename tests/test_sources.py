@@ -530,7 +530,7 @@ def test_spec_errors_name_the_option(tmp_path: Path) -> None:
     assert exc.value.code not in (0, None)
 
 
-@pytest.mark.parametrize("name", ["gaussian", "gmm", "bank"])
+@pytest.mark.parametrize("name", ["gaussian", "gmm", "sphere", "text", "bank"])
 def test_reference_model_trains_on_shipped_source_configs(
     name: str, tmp_path: Path, fashion_mnist_root: Path
 ) -> None:
@@ -586,7 +586,11 @@ def test_reference_model_trains_on_shipped_source_configs(
     cli = main(["fit", "--config", str(SOURCES / f"{name}.yaml"), "--config", str(extra)])
     assert int(cli.model.batch_count) == 3
     std = 1.0 / float(cli.model.latent_scale)  # 4 batches x 8 x 256 values
-    expected_std = {"gaussian": 1.0, "gmm": 1.0 / 0.894, "bank": 1.0}[name]
+    expected_std = (
+        {"gaussian": 1.0, "gmm": 1.0 / 0.894, "sphere": 1.0, "text": 1.25**0.5}[name]
+        if name != "bank"
+        else 1.0
+    )
     assert abs(float(cli.model.latent_mean)) < 0.15 and std == pytest.approx(expected_std, rel=0.15)
     assert torch.isfinite(cli.trainer.callback_metrics["val/loss"])
     ckpt = torch.load(next(tmp_path.rglob("*.ckpt")), map_location="cpu", weights_only=True)
