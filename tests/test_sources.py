@@ -586,12 +586,10 @@ def test_reference_model_trains_on_shipped_source_configs(
     cli = main(["fit", "--config", str(SOURCES / f"{name}.yaml"), "--config", str(extra)])
     assert int(cli.model.batch_count) == 3
     std = 1.0 / float(cli.model.latent_scale)  # 4 batches x 8 x 256 values
-    expected_std = (
-        {"gaussian": 1.0, "gmm": 1.0 / 0.894, "sphere": 1.0, "text": 1.25**0.5}[name]
-        if name != "bank"
-        else 1.0
+    expected_std = {"gaussian": 1, "gmm": 1 / 0.894, "sphere": 1, "text": 1.25**0.5, "bank": 1}
+    assert abs(float(cli.model.latent_mean)) < 0.15 and std == pytest.approx(
+        expected_std[name], rel=0.15
     )
-    assert abs(float(cli.model.latent_mean)) < 0.15 and std == pytest.approx(expected_std, rel=0.15)
     assert torch.isfinite(cli.trainer.callback_metrics["val/loss"])
     ckpt = torch.load(next(tmp_path.rglob("*.ckpt")), map_location="cpu", weights_only=True)
     # the statistics pass drew its 4 batches from the same (checkpointed) stream before step 0
