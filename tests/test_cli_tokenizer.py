@@ -8,6 +8,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from helpers import assert_same, checkpoints
 
 from dmvae_lightning.cli import main
 
@@ -19,10 +20,6 @@ ALL_CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").rglob(
 def fit(tmp_path: Path, *extra: str, config: str = TINY):
     args = ["fit", "--config", config, "--trainer.default_root_dir", str(tmp_path), *extra]
     return main(args)
-
-
-def checkpoints(root: Path) -> list[Path]:
-    return sorted(root.rglob("*.ckpt"))
 
 
 @pytest.mark.parametrize("config", ALL_CONFIGS)
@@ -75,21 +72,6 @@ def _final_state(root: Path) -> dict:
     return {"model": ckpt["state_dict"], "optim": ckpt["optimizer_states"]}
 
 
-def _assert_same(a, b, path="") -> None:
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), f"differs at {path}"
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), f"keys differ at {path}"
-        for k in a:
-            _assert_same(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, list | tuple):
-        assert len(a) == len(b)
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            _assert_same(x, y, f"{path}[{i}]")
-    else:
-        assert a == b, f"differs at {path}: {a} != {b}"
-
-
 def test_kill_and_resume_is_exact(tmp_path):
     """2 epochs straight == 1 epoch, stop, resume from its checkpoint, 1 more epoch: every
     weight, EMA buffer, discriminator weight, batch counter and optimizer state is equal.
@@ -101,7 +83,7 @@ def test_kill_and_resume_is_exact(tmp_path):
     fit(first, "--trainer.max_epochs", "2", "--ckpt_path", str(ckpt))
     a, b = _final_state(straight), _final_state(first)
     assert int(a["model"]["batch_count"]) == 6
-    _assert_same(a, b)
+    assert_same(a, b)
 
 
 def test_misspelled_option_is_an_error(capsys):
@@ -232,9 +214,9 @@ def test_mid_epoch_resume_is_exact(tmp_path):
     resumed = main([*args, "--trainer.default_root_dir", str(tmp_path / "b")], run=False)
     resumed.trainer.fit(resumed.model, datamodule=resumed.datamodule, ckpt_path=str(mid))
     assert int(resumed.model.batch_count) == 8
-    _assert_same(straight.model.state_dict(), resumed.model.state_dict())
+    assert_same(straight.model.state_dict(), resumed.model.state_dict())
     for opt_a, opt_b in zip(straight.trainer.optimizers, resumed.trainer.optimizers, strict=True):
-        _assert_same(opt_a.state_dict(), opt_b.state_dict())
+        assert_same(opt_a.state_dict(), opt_b.state_dict())
 
 
 def test_frozen_timm_encoder_trains_only_bottleneck_and_decoder(tmp_path):

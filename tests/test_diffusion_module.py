@@ -11,6 +11,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from helpers import assert_same, checkpoints
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from dmvae_lightning import flow
@@ -24,10 +25,6 @@ REPO = Path(__file__).resolve().parents[1]
 TOKENIZER_TINY = str(REPO / "tests" / "configs" / "tokenizer_tiny.yaml")
 TINY = str(REPO / "tests" / "configs" / "diffusion_tiny.yaml")
 TINY_DIT = {"preset": "tiny", "patch_size": 4, "hidden_size": 32, "depth": 1, "num_heads": 2}
-
-
-def checkpoints(root: Path) -> list[Path]:
-    return sorted(root.rglob("*.ckpt"))
 
 
 @pytest.fixture(scope="module")
@@ -114,21 +111,6 @@ def test_missing_tokenizer_checkpoint_names_the_option(tmp_path, fashion_mnist_r
         fit(tmp_path, str(tmp_path / "missing.ckpt"))
 
 
-def _assert_same(a, b, path="") -> None:
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), f"differs at {path}"
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), f"keys differ at {path}"
-        for k in a:
-            _assert_same(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, list | tuple):
-        assert len(a) == len(b), f"lengths differ at {path}"
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            _assert_same(x, y, f"{path}[{i}]")
-    else:
-        assert a == b, f"differs at {path}: {a} != {b}"
-
-
 def test_kill_and_resume_is_exact(tmp_path, tokenizer_ckpt):
     """2 epochs straight == 1 epoch + resume for 1 more: DiT, EMA, latent stats, batch counter,
     optimizer and scheduler states all bit-equal (t, noise and label dropout are per-step)."""
@@ -144,7 +126,7 @@ def test_kill_and_resume_is_exact(tmp_path, tokenizer_ckpt):
     assert int(a["state_dict"]["batch_count"]) == 6
     assert int(a["state_dict"]["ema.num_updates"]) == 6
     for key in ("state_dict", "optimizer_states", "lr_schedulers"):
-        _assert_same(a[key], b[key], key)
+        assert_same(a[key], b[key], key)
     # the run really trained: DiT differs from the first epoch's
     sd1 = torch.load(first, map_location="cpu", weights_only=True)["state_dict"]
     assert not torch.equal(

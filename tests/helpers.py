@@ -1,0 +1,29 @@
+"""Helpers shared by the test modules (the tests folder is on sys.path under pytest)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def checkpoints(root: Path) -> list[Path]:
+    """Every ``.ckpt`` under ``root``, sorted by path."""
+    return sorted(Path(root).rglob("*.ckpt"))
+
+
+def assert_same(a, b, path: str = "") -> None:
+    """Bit-exact equality of nested dicts / lists / tensors (e.g. state dicts, optimizer states),
+    naming the first place that differs."""
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), f"differs at {path}"
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), f"keys differ at {path}"
+        for k in a:
+            assert_same(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), f"lengths differ at {path}"
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, f"differs at {path}: {a} != {b}"
