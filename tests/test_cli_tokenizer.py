@@ -22,6 +22,12 @@ def fit(tmp_path: Path, *extra: str, config: str = TINY):
     return main(args)
 
 
+def build(tmp_path: Path, *extra: str):
+    """The tiny config's model, data and trainer, built but not run (``run=False``)."""
+    args = ["--config", TINY, "--trainer.default_root_dir", str(tmp_path), *extra]
+    return main(args, run=False)
+
+
 @pytest.mark.parametrize("config", ALL_CONFIGS)
 def test_every_shipped_config_parses(config, capsys):
     """`--print_config` parses and validates the whole file (class paths, keys, types)."""
@@ -35,19 +41,7 @@ def test_every_shipped_config_parses(config, capsys):
 def test_fit_trains_and_reconstruction_improves(tmp_path):
     """A few CLI `fit` steps on real Fashion-MNIST lower the validation loss, log to
     TensorBoard and write a checkpoint holding weights, EMA and the batch counter."""
-    cli = main(
-        [
-            "--config",
-            TINY,
-            "--trainer.default_root_dir",
-            str(tmp_path),
-            "--trainer.max_epochs",
-            "3",
-            "--trainer.limit_train_batches",
-            "8",
-        ],
-        run=False,
-    )
+    cli = build(tmp_path, "--trainer.max_epochs", "3", "--trainer.limit_train_batches", "8")
     before = cli.trainer.validate(cli.model, datamodule=cli.datamodule)[0]
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     after = cli.trainer.validate(cli.model, datamodule=cli.datamodule)[0]
@@ -138,20 +132,14 @@ def test_channel_mismatch_names_both_options(tmp_path):
 def test_finetune_stage_starts_from_stage1_and_freezes_encoder(tmp_path):
     fit(tmp_path / "s1", "--trainer.max_epochs", "1")
     stage1 = checkpoints(tmp_path / "s1")[-1]
-    cli = main(
-        [
-            "--config",
-            TINY,
-            "--trainer.default_root_dir",
-            str(tmp_path / "s4"),
-            "--trainer.max_epochs",
-            "1",
-            "--model.init_args.stage",
-            "finetune",
-            "--model.init_args.init_from",
-            str(stage1),
-        ],
-        run=False,
+    cli = build(
+        tmp_path / "s4",
+        "--trainer.max_epochs",
+        "1",
+        "--model.init_args.stage",
+        "finetune",
+        "--model.init_args.init_from",
+        str(stage1),
     )
     model = cli.model
     sd1 = torch.load(stage1, map_location="cpu", weights_only=True)["state_dict"]
@@ -168,19 +156,7 @@ def test_finetune_stage_starts_from_stage1_and_freezes_encoder(tmp_path):
 
 def test_bf16_mixed_precision_trains(tmp_path):
     """Trainer precision picks bf16 autocast; losses stay finite and the weights move."""
-    cli = main(
-        [
-            "--config",
-            TINY,
-            "--trainer.default_root_dir",
-            str(tmp_path),
-            "--trainer.max_epochs",
-            "1",
-            "--trainer.precision",
-            "bf16-mixed",
-        ],
-        run=False,
-    )
+    cli = build(tmp_path, "--trainer.max_epochs", "1", "--trainer.precision", "bf16-mixed")
     before = cli.model.tokenizer.decoder.conv_out.weight.detach().clone()
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     after = cli.model.tokenizer.decoder.conv_out.weight
@@ -204,14 +180,14 @@ class _SaveAtBatch(pl.Callback):
 def test_mid_epoch_resume_is_exact(tmp_path):
     """A checkpoint written in the middle of epoch 1 resumes to the same end state: the data
     module stores how far into the epoch's order training got, the sampler skips it."""
-    args = ["--config", TINY, "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "4"]
-    straight = main([*args, "--trainer.default_root_dir", str(tmp_path / "a")], run=False)
+    args = ["--trainer.max_epochs", "2", "--trainer.limit_train_batches", "4"]
+    straight = build(tmp_path / "a", *args)
     mid = tmp_path / "mid.ckpt"
     straight.trainer.callbacks.append(_SaveAtBatch(6, mid))  # batch 2 of epoch 1 (0-based)
     straight.trainer.fit(straight.model, datamodule=straight.datamodule)
     assert torch.load(mid, weights_only=True)["ReferenceDistribution"]["batches"] == 2
 
-    resumed = main([*args, "--trainer.default_root_dir", str(tmp_path / "b")], run=False)
+    resumed = build(tmp_path / "b", *args)
     resumed.trainer.fit(resumed.model, datamodule=resumed.datamodule, ckpt_path=str(mid))
     assert int(resumed.model.batch_count) == 8
     assert_same(straight.model.state_dict(), resumed.model.state_dict())
@@ -228,20 +204,14 @@ def test_frozen_timm_encoder_trains_only_bottleneck_and_decoder(tmp_path):
         '"frozen": true, "img_size": 32, "patch_size": 8, "timm_kwargs": {"depth": 2}}'
     )
     decoder = '{"ch": 8, "ch_mult": [1, 1, 2, 2], "num_res_blocks": 0, "mid_attention": false}'
-    cli = main(
-        [
-            "--config",
-            TINY,
-            "--trainer.default_root_dir",
-            str(tmp_path),
-            "--trainer.max_epochs",
-            "1",
-            "--model.init_args.encoder",
-            encoder,
-            "--model.init_args.decoder",
-            decoder,
-        ],
-        run=False,
+    cli = build(
+        tmp_path,
+        "--trainer.max_epochs",
+        "1",
+        "--model.init_args.encoder",
+        encoder,
+        "--model.init_args.decoder",
+        decoder,
     )
     model = cli.model
     enc = {k: v.clone() for k, v in model.tokenizer.encoder.state_dict().items()}
@@ -268,17 +238,7 @@ class _WeightsSeenInValidation(pl.Callback):
 
 
 def test_validation_runs_on_ema_weights_and_restores_the_trained_ones(tmp_path):
-    cli = main(
-        [
-            "--config",
-            TINY,
-            "--trainer.default_root_dir",
-            str(tmp_path),
-            "--trainer.max_epochs",
-            "1",
-        ],
-        run=False,
-    )
+    cli = build(tmp_path, "--trainer.max_epochs", "1")
     spy = _WeightsSeenInValidation()
     cli.trainer.callbacks.append(spy)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)

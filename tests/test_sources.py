@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from dmvae_lightning.callbacks.reference_feeder import ReferenceFeeder
 from dmvae_lightning.cli import main
-from dmvae_lightning.data.images import SyntheticImages
+from dmvae_lightning.data.images import FashionMNIST, SyntheticImages
 from dmvae_lightning.data.reference import IndexedDataset, ReferenceDistribution
 from dmvae_lightning.data.sources import (
     BankSource,
@@ -31,18 +31,7 @@ from dmvae_lightning.data.sources import (
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = REPO / "configs" / "reference_sources"
-FMNIST_CLASSES = [
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-]
+FMNIST_CLASSES = list(FashionMNIST.CLASSES)
 
 
 def draw(source, n: int, seed: int = 0, **kwargs):
