@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import lightning.pytorch as pl
 import torch
 
 
@@ -27,3 +28,15 @@ def assert_same(a, b, path: str = "") -> None:
             assert_same(x, y, f"{path}[{i}]")
     else:
         assert a == b, f"differs at {path}: {a} != {b}"
+
+
+class SaveAtBatch(pl.Callback):
+    """Writes a checkpoint after global batch ``at`` (as ModelCheckpoint(every_n_train_steps) does)."""
+
+    def __init__(self, at: int, path: Path) -> None:
+        self.at, self.path, self.seen = at, path, 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.seen += 1
+        if self.seen == self.at:
+            trainer.save_checkpoint(self.path)

@@ -8,7 +8,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import assert_same, checkpoints
+from helpers import SaveAtBatch, assert_same, checkpoints
 
 from dmvae_lightning.cli import main
 
@@ -165,25 +165,13 @@ def test_bf16_mixed_precision_trains(tmp_path):
     assert torch.isfinite(cli.trainer.callback_metrics["loss"])
 
 
-class _SaveAtBatch(pl.Callback):
-    """Writes a checkpoint after global batch ``at`` (as ModelCheckpoint(every_n_train_steps) does)."""
-
-    def __init__(self, at: int, path: Path) -> None:
-        self.at, self.path, self.seen = at, path, 0
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.seen += 1
-        if self.seen == self.at:
-            trainer.save_checkpoint(self.path)
-
-
 def test_mid_epoch_resume_is_exact(tmp_path):
     """A checkpoint written in the middle of epoch 1 resumes to the same end state: the data
     module stores how far into the epoch's order training got, the sampler skips it."""
     args = ["--trainer.max_epochs", "2", "--trainer.limit_train_batches", "4"]
     straight = build(tmp_path / "a", *args)
     mid = tmp_path / "mid.ckpt"
-    straight.trainer.callbacks.append(_SaveAtBatch(6, mid))  # batch 2 of epoch 1 (0-based)
+    straight.trainer.callbacks.append(SaveAtBatch(6, mid))  # batch 2 of epoch 1 (0-based)
     straight.trainer.fit(straight.model, datamodule=straight.datamodule)
     assert torch.load(mid, weights_only=True)["ReferenceDistribution"]["batches"] == 2
 

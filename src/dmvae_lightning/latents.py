@@ -132,7 +132,15 @@ def load_frozen_tokenizer(
         )
     accepted = set(inspect.signature(DMVAEModule.__init__).parameters) - {"self"}
     hparams = {k: v for k, v in dict(ckpt.get("hyper_parameters", {})).items() if k in accepted}
-    hparams.update(init_from=None, stage="pretrain", lpips_weight=0.0, lpips=None, ema_decay=None)
+    hparams.update(
+        init_from=None,
+        stage="pretrain",
+        lpips_weight=0.0,
+        lpips=None,
+        ema_decay=None,
+        matching_loss=None,
+        vae_every=None,
+    )
     encoder = dict(hparams.get("encoder") or {})
     if encoder.get("pretrained"):
         encoder["pretrained"] = False

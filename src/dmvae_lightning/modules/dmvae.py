@@ -4,15 +4,23 @@ Stages (``stage=``):
 
 * ``"pretrain"`` (paper stage 1): encoder (frozen or trainable) -> MLP bottleneck -> latent ->
   conv decoder, trained with L1 (+ L2, LPIPS) + PatchGAN hinge with the adaptive weight.
+* ``"align"`` (paper stage 3, the DMVAE proper): starts from ``init_from`` (a stage-1 checkpoint);
+  the generator loss adds ``matching_weight`` x ``matching_loss`` (any loss of
+  :mod:`dmvae_lightning.losses.matching`; the paper's is :class:`~dmvae_lightning.losses.matching.DMDLoss`
+  with a frozen real-score model and a trained fake copy). Two time scales: the fake score model
+  steps on every batch, on stop-gradient latents; the VAE (and discriminator) step on every
+  ``vae_every``-th batch (default 5), counted by the module's own ``batch_count``. Batches where
+  the VAE does not step only encode (no decode, no discriminator).
 * ``"finetune"`` (paper stage 4): starts from ``init_from``; encoder and bottleneck frozen, only the
   decoder (and discriminator) train.
 
-The DMD alignment stage (paper stage 3) arrives with the matching losses.
-
 Batches are dicts from :class:`~dmvae_lightning.data.reference.ReferenceDistribution`:
-``batch["image"]`` (B, C, H, W) float in [-1, 1], ``batch["label"]`` (B,) int64.
+``batch["image"]`` (B, C, H, W) float in [-1, 1], ``batch["label"]`` (B,) int64, and, for the
+sample-set matching losses (MMD, SWD, pointwise alignment), ``batch["reference"]`` (B, C, h, w)
+reference samples shaped like the latents (``data.init_args.reference``).
 
-Optimisation is manual (generator + discriminator). Every random draw inside a training step
+Optimisation is manual: generator, discriminator and, with a DMD matching loss, the fake
+score model (optimizers in that order). Every random draw inside a training step
 (DiffAug, dropout) is seeded from ``(seed, batch_count, rank)`` so kill-and-resume is exact; the
 batch counter is a buffer, saved with the weights. The discriminator and the generator step
 only after ``disc_start`` batches; before that the generator sees reconstruction losses only.
@@ -20,7 +28,8 @@ only after ``disc_start`` batches; before that the generator sees reconstruction
 Subclass and override one hook to change one part: :meth:`build_encoder`,
 :meth:`build_bottleneck`, :meth:`build_decoder`, :meth:`build_discriminator`,
 :meth:`configure_losses`, :meth:`configure_metrics`, :meth:`encode`, :meth:`decode`,
-:meth:`generator_loss`, :meth:`discriminator_loss`, :meth:`log_images`.
+:meth:`generator_loss`, :meth:`matching_term`, :meth:`discriminator_loss`, :meth:`is_vae_step`,
+:meth:`log_images`.
 
 DDP note: the discriminator receives no gradient in the generator step. Until the distributed
 issue lands, run multi-device jobs with ``strategy: ddp_find_unused_parameters_true``.
@@ -37,11 +46,12 @@ import lightning.pytorch as pl
 import torch
 import torchvision
 from torch import nn
-from torchmetrics import MetricCollection
+from torchmetrics import Metric, MetricCollection
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
 from dmvae_lightning.ema import EMA
 from dmvae_lightning.losses.adversarial import AdversarialLoss
+from dmvae_lightning.losses.matching import DMDLoss, GaussianKLLoss
 from dmvae_lightning.losses.reconstruction import ReconstructionLoss
 from dmvae_lightning.modules.common import EMAInEvaluation, linear_warmup
 from dmvae_lightning.nets.decoder import Decoder
@@ -56,9 +66,11 @@ class EncoderSpec(TypedDict, total=False):
     (keys ch, ch_mult, num_res_blocks, mid_attention); ``name: timm`` ->
     :class:`~dmvae_lightning.nets.encoders.TimmEncoder` (keys model_name, pretrained,
     weights_path, frozen, img_size, patch_size, and ``timm_kwargs`` for any other
-    ``timm.create_model`` argument, e.g. ``{depth: 12, drop_path_rate: 0.1}``)."""
+    ``timm.create_model`` argument, e.g. ``{depth: 12, drop_path_rate: 0.1}``); ``name:
+    classifier`` -> :class:`~dmvae_lightning.nets.encoders.ClassifierEncoder` (keys weights_path,
+    the ClassifierModule checkpoint, and frozen)."""
 
-    name: Literal["conv", "timm"]
+    name: Literal["conv", "timm", "classifier"]
     ch: int
     ch_mult: list[int]
     num_res_blocks: int
@@ -103,14 +115,16 @@ def _to_unit(x: torch.Tensor) -> torch.Tensor:
 
 
 class DMVAEModule(EMAInEvaluation, pl.LightningModule):
-    """Tokenizer with reconstruction, adversarial (and, from stage 3, matching) losses.
+    """Tokenizer with reconstruction, adversarial and matching losses.
 
     Args:
-        stage: ``"pretrain"`` or ``"finetune"`` (see module docstring).
+        stage: ``"pretrain"``, ``"align"`` or ``"finetune"`` (see module docstring).
         image_channels: channels of the images (1 for Fashion-MNIST, 3 for RGB).
         latent_channels: C of the latent (B, C, h, w).
         encoder: :class:`EncoderSpec`; the spatial reduction f of the encoder sets h = H / f.
         bottleneck_hidden: hidden width of the per-position MLP bottleneck.
+        bottleneck_gaussian: the bottleneck outputs a diagonal Gaussian posterior (mean,
+            log-variance) and samples from it in training (for :class:`GaussianKLLoss`).
         decoder: :class:`DecoderSpec`; its upsampling must undo the encoder's reduction.
         discriminator: :class:`DiscriminatorSpec`.
         l1_weight, l2_weight, lpips_weight: reconstruction loss weights.
@@ -127,18 +141,31 @@ class DMVAEModule(EMAInEvaluation, pl.LightningModule):
         ema_decay: EMA decay of the trained tokenizer parts; ``None`` disables EMA.
         ema_warmup: use the ``min(decay, (1+n)/(10+n))`` warm-up of the EMA decay.
         init_from: DMVAEModule checkpoint whose tokenizer (+ discriminator, EMA) weights start
-            this run (required for ``finetune``).
+            this run (required for ``align`` and ``finetune``).
+        matching_loss: a matching loss of :mod:`dmvae_lightning.losses.matching` (or any
+            ``torchmetrics.Metric`` called as ``loss(z, reference)``), by ``class_path`` in YAML;
+            see :meth:`matching_term` for what each is given. ``None``: no matching term.
+        matching_weight: its weight in the generator loss (paper: 10 for data-derived
+            references, 1 otherwise). ``0`` is the ablation: the term is neither computed nor
+            trained (no fake-model steps), everything else unchanged.
+        vae_every: the VAE and discriminator step on every ``vae_every``-th batch (batches
+            ``vae_every - 1``, ``2 vae_every - 1``, ... counted from 0 by ``batch_count``);
+            ``None``: 5 for ``align``, 1 otherwise. The fake score model steps on every batch.
+        fake_lr, fake_weight_decay: AdamW of the DMD fake score model (``fake_lr`` defaults to
+            ``lr``; same betas, warm-up and clipping as the VAE).
+        matching_labels: give the batch labels to a class-conditional DMD loss (CFG needs them).
         seed: seed of the per-step random streams (see :mod:`dmvae_lightning.utils.rng`).
         num_log_images: images in the reconstruction grid logged at each validation.
     """
 
     def __init__(
         self,
-        stage: Literal["pretrain", "finetune"] = "pretrain",
+        stage: Literal["pretrain", "align", "finetune"] = "pretrain",
         image_channels: int = 3,
         latent_channels: int = 32,
         encoder: EncoderSpec | None = None,
         bottleneck_hidden: int = 256,
+        bottleneck_gaussian: bool = False,
         decoder: DecoderSpec | None = None,
         discriminator: DiscriminatorSpec | None = None,
         l1_weight: float = 1.0,
@@ -162,21 +189,42 @@ class DMVAEModule(EMAInEvaluation, pl.LightningModule):
         init_from: str | None = None,
         seed: int = 0,
         num_log_images: int = 16,
+        matching_loss: Metric | None = None,
+        matching_weight: float = 1.0,
+        vae_every: int | None = None,
+        fake_lr: float | None = None,
+        fake_weight_decay: float = 0.0,
+        matching_labels: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        if isinstance(self.hparams.get("matching_loss"), nn.Module):
+            # Built in Python (not from a config): keep the module out of the checkpoint's
+            # hyperparameters (its weights are in the state dict); pass it again when loading.
+            self.hparams.pop("matching_loss")
+            self._hparams_initial.pop("matching_loss", None)
         self.automatic_optimization = False
-        if stage not in ("pretrain", "finetune"):
+        if stage not in ("pretrain", "align", "finetune"):
             raise ValueError(
-                f"model.init_args.stage: unknown stage {stage!r}; expected 'pretrain' or 'finetune'."
+                f"model.init_args.stage: unknown stage {stage!r}; expected 'pretrain', 'align' "
+                "or 'finetune'."
             )
-        if stage == "finetune" and not init_from:
+        if stage in ("align", "finetune") and not init_from:
             raise ValueError(
-                "model.init_args.init_from: stage 'finetune' starts from a tokenizer checkpoint; "
-                "set `init_from` to the stage-1 (or alignment) .ckpt."
+                f"model.init_args.init_from: stage {stage!r} starts from a tokenizer checkpoint; "
+                "set `init_from` to the previous stage's .ckpt."
+            )
+        self.vae_every = (5 if stage == "align" else 1) if vae_every is None else int(vae_every)
+        if self.vae_every < 1:
+            raise ValueError(f"model.init_args.vae_every must be >= 1, got {vae_every}")
+        if matching_loss is not None and not isinstance(matching_loss, Metric):
+            raise TypeError(
+                "model.init_args.matching_loss must be a torchmetrics.Metric (a loss of "
+                f"dmvae_lightning.losses.matching), got {type(matching_loss).__name__}"
             )
         self.register_buffer("batch_count", torch.zeros((), dtype=torch.long))
         self.configure_models()
+        self.matching_loss = matching_loss
         self.configure_losses()
         self.configure_metrics()
         if init_from:
@@ -212,7 +260,10 @@ class DMVAEModule(EMAInEvaluation, pl.LightningModule):
 
     def build_bottleneck(self, in_dim: int) -> nn.Module:
         """Return the map features (B, D, h, w) -> latent (B, C, h, w)."""
-        return MLPBottleneck(in_dim, self.hparams.latent_channels, self.hparams.bottleneck_hidden)
+        hp = self.hparams
+        return MLPBottleneck(
+            in_dim, hp.latent_channels, hp.bottleneck_hidden, gaussian=hp.bottleneck_gaussian
+        )
 
     def build_decoder(self) -> nn.Module:
         """Return the decoder: latent (B, C, h, w) -> image (B, C_img, H, W).
@@ -354,27 +405,97 @@ class DMVAEModule(EMAInEvaluation, pl.LightningModule):
         loss, logs = self.adversarial.discriminator_loss(self.discriminator, x, x_rec.detach())
         return loss, {f"train/{k}": v for k, v in logs.items()}
 
+    def matching_term(
+        self, x: torch.Tensor, z: torch.Tensor, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Unweighted matching loss of raw latents ``z`` (B, C, h, w) encoded from images ``x``
+        on a VAE step. Returns (scalar loss, detached logs). What each loss is given:
+
+        * :class:`DMDLoss`: ``loss.normalize(z)`` (the real model's latent space) and, with
+          ``matching_labels``, ``batch["label"]``;
+        * :class:`GaussianKLLoss`: the bottleneck's posterior ``(mean, logvar)`` on the encoder
+          features of ``x`` (needs ``bottleneck_gaussian: true``);
+        * any other metric (MMD, SWD, pointwise alignment, your own): ``(z, batch["reference"])``.
+        """
+        loss_fn = self.matching_loss
+        if isinstance(loss_fn, DMDLoss):
+            labels = batch.get("label") if self.hparams.matching_labels else None
+            value = loss_fn(loss_fn.normalize(z), labels)
+            info = loss_fn.last_info
+            logs = {"train/dmd_t_max": info["t_max"]} if "t_max" in info else {}
+        elif isinstance(loss_fn, GaussianKLLoss):
+            if not self.hparams.bottleneck_gaussian:
+                raise ValueError(
+                    "GaussianKLLoss needs a Gaussian posterior: set "
+                    "model.init_args.bottleneck_gaussian: true"
+                )
+            mean, logvar = self.tokenizer.bottleneck.forward_stats(self.tokenizer.encoder(x))
+            value, logs = loss_fn(mean, logvar), {}
+        else:
+            ref = batch.get("reference")
+            if ref is None:
+                raise ValueError(
+                    f"{type(loss_fn).__name__} compares latents with reference samples, but the "
+                    "batch has no 'reference'; set data.init_args.reference (a source whose "
+                    "shape equals the latent shape)."
+                )
+            if ref.shape[1:] != z.shape[1:]:
+                raise ValueError(
+                    f"reference samples {tuple(ref.shape[1:])} do not match the latent shape "
+                    f"{tuple(z.shape[1:])}; fix data.init_args.reference.shape"
+                )
+            value, logs = loss_fn(z, ref), {}
+        logs["train/matching"] = value.detach()
+        return value, logs
+
+    def is_vae_step(self, batch_count: int) -> bool:
+        """Whether the VAE (and discriminator) step on batch number ``batch_count`` (from 0):
+        every ``vae_every``-th batch, i.e. ``(batch_count + 1) % vae_every == 0``."""
+        return (batch_count + 1) % self.vae_every == 0
+
+    @property
+    def trains_fake(self) -> bool:
+        """Whether a DMD fake score model is trained (a DMD loss with non-zero weight)."""
+        return isinstance(self.matching_loss, DMDLoss) and self.hparams.matching_weight != 0
+
     # ------------------------------------------------------------------ Lightning
     def configure_optimizers(self):
+        """AdamW + linear warm-up for the generator, the discriminator and (with a DMD loss)
+        the fake score model, in that order."""
         hp = self.hparams
         gen_params = [p for p in self.tokenizer.parameters() if p.requires_grad]
         if not gen_params:
             raise ValueError("Nothing to train: every tokenizer parameter is frozen.")
-        opt_g = torch.optim.AdamW(
-            gen_params, lr=hp.lr, betas=hp.betas, weight_decay=hp.weight_decay
-        )
-        opt_d = torch.optim.AdamW(
-            self.discriminator.parameters(),
-            lr=hp.disc_lr if hp.disc_lr is not None else hp.lr,
-            betas=hp.betas,
-            weight_decay=hp.disc_weight_decay,
-        )
-        sched_g = linear_warmup(opt_g, hp.warmup_steps)
-        sched_d = linear_warmup(opt_d, hp.warmup_steps)
-        return [opt_g, opt_d], [
-            {"scheduler": sched_g, "interval": "step"},
-            {"scheduler": sched_d, "interval": "step"},
+        optimizers = [
+            torch.optim.AdamW(gen_params, lr=hp.lr, betas=hp.betas, weight_decay=hp.weight_decay),
+            torch.optim.AdamW(
+                self.discriminator.parameters(),
+                lr=hp.disc_lr if hp.disc_lr is not None else hp.lr,
+                betas=hp.betas,
+                weight_decay=hp.disc_weight_decay,
+            ),
         ]
+        if self.trains_fake:
+            optimizers.append(
+                torch.optim.AdamW(
+                    self.matching_loss.fake_parameters(),
+                    lr=hp.fake_lr if hp.fake_lr is not None else hp.lr,
+                    betas=hp.betas,
+                    weight_decay=hp.fake_weight_decay,
+                )
+            )
+        schedulers = [
+            {"scheduler": linear_warmup(opt, hp.warmup_steps), "interval": "step"}
+            for opt in optimizers
+        ]
+        return optimizers, schedulers
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Usual ``load_state_dict``; a module built without a matching loss (e.g. to use an
+        alignment checkpoint as a tokenizer) ignores the checkpoint's ``matching_loss.*``."""
+        if self.matching_loss is None:
+            state_dict = {k: v for k, v in state_dict.items() if not k.startswith("matching_loss.")}
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def _check_batch(self, x: torch.Tensor) -> None:
         if x.ndim != 4 or x.shape[1] != self.hparams.image_channels:
@@ -399,32 +520,68 @@ class DMVAEModule(EMAInEvaluation, pl.LightningModule):
         return logs
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """One batch: on VAE steps (:meth:`is_vae_step`) encode, decode, step the generator on
+        :meth:`generator_loss` (+ ``matching_weight`` x :meth:`matching_term`) and the
+        discriminator; on other batches only encode (no gradient). Then, with a DMD loss, step
+        the fake score model on the stop-gradient latents. Counted by ``batch_count``."""
         x = batch["image"]
         self._check_batch(x)
-        opt_g, opt_d = self.optimizers()
-        sched_g, sched_d = self.lr_schedulers()
+        optimizers, schedulers = self.optimizers(), self.lr_schedulers()
+        opt_g, opt_d = optimizers[0], optimizers[1]
         step = int(self.batch_count)
+        vae_step = self.is_vae_step(step)
+        weight = float(self.hparams.matching_weight)
+        use_matching = self.matching_loss is not None and weight != 0
         out: dict[str, torch.Tensor] = {}
+        logs: dict[str, torch.Tensor] = {}
 
         def gen_loss():
             z = self.encode(x)
-            out["x_rec"] = self.decode(z)
-            return self.generator_loss(x, out["x_rec"], z)
+            out["z"], out["x_rec"] = z, self.decode(z)
+            loss, gen_logs = self.generator_loss(x, out["x_rec"], z)
+            if use_matching:
+                term, match_logs = self.matching_term(x, z, batch)
+                loss = loss + weight * term
+                gen_logs.update(match_logs)
+                gen_logs["train/g_loss"] = loss.detach()
+            return loss, gen_logs
 
         with step_rng(self.hparams.seed, step, self.global_rank, x.device):
-            logs = self._optimizer_step(opt_g, gen_loss)
-            sched_g.step()
-            if self.adversarial.active(step):
-                logs.update(
-                    self._optimizer_step(opt_d, lambda: self.discriminator_loss(x, out["x_rec"]))
-                )
-                sched_d.step()
-        if self.ema is not None:
+            if vae_step:
+                logs.update(self._optimizer_step(opt_g, gen_loss))
+                schedulers[0].step()
+                if self.adversarial.active(step):
+                    logs.update(
+                        self._optimizer_step(
+                            opt_d, lambda: self.discriminator_loss(x, out["x_rec"])
+                        )
+                    )
+                    schedulers[1].step()
+            if self.trains_fake:
+                if "z" in out:
+                    z = out["z"].detach()
+                else:
+                    with torch.no_grad():
+                        z = self.encode(x)
+                logs.update(self._optimizer_step(optimizers[2], lambda: self.fake_loss(z, batch)))
+                schedulers[2].step()
+        if vae_step and self.ema is not None:
             self.ema.update(self.ema_target())
         self.batch_count += 1
-        logs["train/lr"] = torch.tensor(opt_g.param_groups[0]["lr"])
+        if vae_step:
+            logs["train/lr"] = torch.tensor(opt_g.param_groups[0]["lr"])
+            self.log("loss", logs["train/g_loss"], prog_bar=True, batch_size=x.shape[0])
         self.log_dict(logs, on_step=True, on_epoch=False, batch_size=x.shape[0])
-        self.log("loss", logs["train/g_loss"], prog_bar=True, on_step=True, batch_size=x.shape[0])
+
+    def fake_loss(
+        self, z: torch.Tensor, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Flow-matching loss of the DMD fake score model on stop-gradient raw latents ``z``
+        (B, C, h, w), mapped to the real model's space. Returns (loss, detached logs)."""
+        loss_fn = self.matching_loss
+        labels = batch.get("label") if self.hparams.matching_labels else None
+        value = loss_fn.fake_loss(loss_fn.normalize(z.detach()), labels)
+        return value, {"train/fake_loss": value.detach()}
 
     # EMA weights are swapped in for every evaluation loop (EMAInEvaluation).
     def on_validation_epoch_start(self) -> None:

@@ -20,7 +20,7 @@ from torch import nn
 
 from .decoder import AttnBlock, Downsample, ResnetBlock, group_norm
 
-__all__ = ["ConvEncoder", "MLPBottleneck", "TimmEncoder", "build_encoder"]
+__all__ = ["ClassifierEncoder", "ConvEncoder", "MLPBottleneck", "TimmEncoder", "build_encoder"]
 
 
 class ConvEncoder(nn.Module):
@@ -276,11 +276,55 @@ class MLPBottleneck(nn.Module):
         return mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
 
 
-_ENCODERS: dict[str, type[nn.Module]] = {"conv": ConvEncoder, "timm": TimmEncoder}
+class ClassifierEncoder(nn.Module):
+    """The feature map of a trained :class:`~dmvae_lightning.nets.classifier.ConvClassifier`
+    (a ClassifierModule checkpoint) as an encoder: the CPU-scale stand-in for a frozen
+    foundation model.
+
+    Input (B, in_channels, H, W) in [-1, 1] -> (B, out_dim, H/f, W/f); the architecture comes
+    from the checkpoint. ``frozen``: ``requires_grad_(False)`` (the paper's stage 1); set
+    ``frozen: false`` to train it (the alignment stage trains the whole VAE).
+    """
+
+    def __init__(
+        self, weights_path: str | os.PathLike, frozen: bool = True, in_channels: int = 1
+    ) -> None:
+        super().__init__()
+        from dmvae_lightning.modules.classifier import load_classifier
+
+        net = load_classifier(weights_path, option="model.init_args.encoder.weights_path")
+        if net.in_channels != in_channels:
+            raise ValueError(
+                f"model.init_args.encoder.weights_path: the classifier takes {net.in_channels} "
+                f"channels but the images have {in_channels} (model.init_args.image_channels)"
+            )
+        self.net = net
+        self.in_channels = in_channels
+        self.out_dim: int = net.out_dim
+        self.downsample_factor: int = net.downsample_factor
+        self.frozen = frozen
+        self.net.requires_grad_(not frozen)
+
+    def train(self, mode: bool = True) -> ClassifierEncoder:
+        """Usual ``train``, except that a frozen network stays in eval mode."""
+        super().train(mode)
+        if self.frozen:
+            self.net.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.features(x)
+
+
+_ENCODERS: dict[str, type[nn.Module]] = {
+    "conv": ConvEncoder,
+    "timm": TimmEncoder,
+    "classifier": ClassifierEncoder,
+}
 
 
 def build_encoder(spec: Mapping[str, Any]) -> nn.Module:
-    """Build an encoder from `{"name": "conv" | "timm", **constructor_kwargs}`.
+    """Build an encoder from `{"name": "conv" | "timm" | "classifier", **constructor_kwargs}`.
 
     Unknown names raise ValueError; unknown keys raise TypeError (for "timm", keys that are not
     TimmEncoder arguments go to `timm.create_model`, which rejects those it does not know).

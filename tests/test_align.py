@@ -1,0 +1,212 @@
+"""Stage 3 (DMD alignment) of DMVAEModule: two-time-scale counting, encode-only batches, frozen
+real model and buffers, exact kill-and-resume, other matching losses, and the errors that name
+the option to fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import SaveAtBatch, assert_same, checkpoints
+
+from dmvae_lightning.cli import main
+from dmvae_lightning.losses.matching import DMDLoss, MMDLoss
+from dmvae_lightning.modules.dmvae import DMVAEModule
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "tests" / "configs"
+ALIGN_TINY = str(CONFIGS / "align_tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def stage_ckpts(tmp_path_factory, fashion_mnist_root) -> dict[str, str]:
+    """Stage-1 tokenizer (latents 4 x 16 x 16) and stage-2 reference model checkpoints."""
+    root = tmp_path_factory.mktemp("stages")
+    common = ["--trainer.max_epochs", "1", "--trainer.logger", "false"]
+    main(
+        ["fit", "--config", str(CONFIGS / "tokenizer_tiny.yaml")]
+        + ["--trainer.default_root_dir", str(root / "tok"), *common]
+    )
+    tokenizer = str(checkpoints(root / "tok")[-1])
+    main(
+        ["fit", "--config", str(CONFIGS / "diffusion_tiny.yaml")]
+        + ["--trainer.default_root_dir", str(root / "ref"), *common]
+        + ["--model.init_args.tokenizer_ckpt", tokenizer]
+    )
+    return {"tokenizer": tokenizer, "reference": str(checkpoints(root / "ref")[-1])}
+
+
+def align_args(root: Path, ckpts: dict[str, str], *extra: str) -> list[str]:
+    return [
+        "--config",
+        ALIGN_TINY,
+        "--trainer.default_root_dir",
+        str(root),
+        "--model.init_args.init_from",
+        ckpts["tokenizer"],
+        "--model.init_args.matching_loss.init_args.real_model",
+        ckpts["reference"],
+        *extra,
+    ]
+
+
+def build(root: Path, ckpts: dict[str, str], *extra: str):
+    return main(align_args(root, ckpts, *extra), run=False)
+
+
+def adam_steps(optimizer: torch.optim.Optimizer) -> int:
+    """Steps taken by an Adam(W) optimizer (its per-parameter ``step`` counter)."""
+    states = [s for s in optimizer.state.values() if "step" in s]
+    counts = {int(s["step"]) for s in states}
+    assert len(counts) <= 1, counts
+    return counts.pop() if counts else 0
+
+
+def test_two_time_scales_and_encode_only_batches(tmp_path, stage_ckpts):
+    """7 batches, vae_every 3: generator and discriminator step on batches 2 and 5 only, the fake
+    model on all 7; the decoder runs in training on exactly those two batches."""
+    cli = build(tmp_path, stage_ckpts)
+    model = cli.model
+    decoded_at: list[int] = []
+
+    def record(module, args, output):
+        if module.training:
+            decoded_at.append(int(model.batch_count))
+
+    model.tokenizer.decoder.register_forward_hook(record)
+    cli.trainer.fit(model, datamodule=cli.datamodule)
+    assert int(model.batch_count) == 7
+    opt_g, opt_d, opt_f = cli.trainer.optimizers
+    assert adam_steps(opt_g) == 2 and adam_steps(opt_d) == 2 and adam_steps(opt_f) == 7
+    assert decoded_at == [2, 5]
+    assert int(model.matching_loss.num_steps) == 2  # DMD annealing counts VAE steps
+    assert [model.is_vae_step(k) for k in range(7)] == [False, False, True] * 2 + [False]
+
+
+def test_real_model_and_frozen_buffers_unchanged_fake_and_encoder_train(tmp_path, stage_ckpts):
+    """After alignment steps the real score model (weights and buffers) and the fake model's
+    fixed position table are bit-identical; the fake model and the whole VAE have moved."""
+    cli = build(tmp_path, stage_ckpts)
+    model = cli.model
+    loss = model.matching_loss
+    assert isinstance(loss, DMDLoss)
+    real_before = {k: v.clone() for k, v in loss.real.state_dict().items()}
+    fake_buffers = {k: v.clone() for k, v in loss.fake.named_buffers()}
+    assert fake_buffers, "the DiT should hold its position table as a buffer"
+    fake_before = {k: p.detach().clone() for k, p in loss.fake.named_parameters()}
+    enc_before = {k: p.detach().clone() for k, p in model.tokenizer.encoder.named_parameters()}
+    assert_same(real_before, {k: v for k, v in loss.fake.state_dict().items()})  # fake = copy
+
+    cli.trainer.fit(model, datamodule=cli.datamodule)
+    assert_same(real_before, loss.real.state_dict())
+    assert_same(fake_buffers, dict(loss.fake.named_buffers()))
+    assert not any(p.requires_grad for p in loss.real.parameters())
+    moved = [k for k, p in loss.fake.named_parameters() if not torch.equal(p, fake_before[k])]
+    assert len(moved) > 0.8 * len(fake_before)
+    enc_moved = [
+        k
+        for k, p in model.tokenizer.encoder.named_parameters()
+        if not torch.equal(p, enc_before[k])
+    ]
+    assert enc_moved, "the encoder is trainable in the alignment stage"
+    # EMA covers the tokenizer only: never the real or fake score model
+    assert not [k for k in model.state_dict() if k.startswith("ema.matching_loss")]
+
+
+def test_dmd_gradient_reaches_the_encoder(tmp_path, stage_ckpts):
+    """The matching term changes the VAE update: with matching_weight 10 vs 0 (same seed, same
+    batches) the encoder ends elsewhere, and with weight 0 no fake optimizer exists."""
+    a = build(tmp_path / "a", stage_ckpts)
+    a.trainer.fit(a.model, datamodule=a.datamodule)
+    b = build(tmp_path / "b", stage_ckpts, "--model.init_args.matching_weight", "0")
+    b.trainer.fit(b.model, datamodule=b.datamodule)
+    assert len(b.trainer.optimizers) == 2 and len(a.trainer.optimizers) == 3
+    fake_b = b.model.matching_loss.fake.state_dict()
+    assert_same(b.model.matching_loss.real.state_dict(), fake_b)  # never trained
+    wa = a.model.tokenizer.bottleneck.mlp[2].weight
+    wb = b.model.tokenizer.bottleneck.mlp[2].weight
+    assert (wa - wb).abs().max() > 1e-6
+
+
+def test_kill_and_resume_is_exact(tmp_path, stage_ckpts):
+    """A checkpoint written after batch 4 of 7 (mid-epoch, between VAE steps) resumes to the
+    same end state: VAE, EMA, discriminator, fake model, DMD step counter, batch counter and all
+    three optimizers (with their schedulers) are bit-identical to the uninterrupted run."""
+    straight = build(tmp_path / "a", stage_ckpts)
+    mid = tmp_path / "mid.ckpt"
+    straight.trainer.callbacks.append(SaveAtBatch(4, mid))
+    straight.trainer.fit(straight.model, datamodule=straight.datamodule)
+    state = torch.load(mid, map_location="cpu", weights_only=True)
+    assert int(state["state_dict"]["batch_count"]) == 4
+    assert any(k.startswith("matching_loss.fake.") for k in state["state_dict"])
+
+    resumed = build(tmp_path / "b", stage_ckpts)
+    resumed.trainer.fit(resumed.model, datamodule=resumed.datamodule, ckpt_path=str(mid))
+    assert int(resumed.model.batch_count) == 7
+    assert int(resumed.model.matching_loss.num_steps) == 2
+    assert_same(straight.model.state_dict(), resumed.model.state_dict())
+    for opt_a, opt_b in zip(straight.trainer.optimizers, resumed.trainer.optimizers, strict=True):
+        assert_same(opt_a.state_dict(), opt_b.state_dict())
+    for sch_a, sch_b in zip(
+        straight.trainer.lr_scheduler_configs, resumed.trainer.lr_scheduler_configs, strict=True
+    ):
+        assert sch_a.scheduler.state_dict() == sch_b.scheduler.state_dict()
+
+
+def test_missing_real_model_checkpoint_names_the_option(tmp_path, stage_ckpts):
+    ckpts = dict(stage_ckpts, reference=str(tmp_path / "missing.ckpt"))
+    with pytest.raises((FileNotFoundError, ValueError), match="real_model"):
+        build(tmp_path, ckpts)
+
+
+def test_align_without_init_from_names_the_option(tmp_path, stage_ckpts):
+    args = align_args(tmp_path, stage_ckpts)
+    args[args.index("--model.init_args.init_from") + 1] = "null"
+    with pytest.raises((FileNotFoundError, ValueError), match="init_from"):
+        main(args, run=False)
+
+
+def test_mmd_matching_reads_reference_samples_from_the_batch(tmp_path, stage_ckpts):
+    """With an MMD loss the matching term is MMD(z, batch["reference"]) exactly; without a
+    reference in the data the error names data.init_args.reference."""
+    model = DMVAEModule(
+        stage="align",
+        image_channels=1,
+        latent_channels=4,
+        encoder={"name": "conv", "ch": 8, "ch_mult": [1, 2], "num_res_blocks": 1},
+        bottleneck_hidden=16,
+        decoder={"ch": 8, "ch_mult": [1, 2], "num_res_blocks": 0, "mid_attention": False},
+        discriminator={"ch": 8, "n_layers": 2},
+        init_from=stage_ckpts["tokenizer"],
+        matching_loss=MMDLoss(),
+    )
+    assert "matching_loss" not in model.hparams  # a module object stays out of the hparams
+    torch.manual_seed(0)
+    x = torch.rand(6, 1, 32, 32) * 2 - 1
+    ref = torch.randn(6, 4, 16, 16)
+    z = model.encode(x)
+    value, logs = model.matching_term(x, z, {"image": x, "reference": ref})
+    expected = MMDLoss().loss(z, ref)
+    torch.testing.assert_close(value, expected)
+    assert float(value) > 0 and torch.equal(logs["train/matching"], value.detach())
+    with pytest.raises(ValueError, match=r"data\.init_args\.reference"):
+        model.matching_term(x, z, {"image": x})
+    with pytest.raises(ValueError, match="reference.shape"):
+        model.matching_term(x, z, {"image": x, "reference": torch.randn(6, 4, 8, 8)})
+
+
+def test_alignment_checkpoint_loads_as_a_tokenizer(tmp_path, stage_ckpts):
+    """Later stages read an alignment checkpoint's tokenizer; its matching-loss weights are
+    ignored when the module is built without one."""
+    from dmvae_lightning.latents import load_frozen_tokenizer
+
+    cli = build(tmp_path, stage_ckpts, "--trainer.limit_train_batches", "3")
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    ckpt = checkpoints(tmp_path)[-1]
+    tok = load_frozen_tokenizer(ckpt)
+    assert tok.matching_loss is None
+    x = torch.rand(2, 1, 32, 32) * 2 - 1
+    with torch.no_grad(), cli.model.ema_scope():
+        expected = cli.model.eval().encode(x)
+    torch.testing.assert_close(tok.encode(x), expected)
