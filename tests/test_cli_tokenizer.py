@@ -268,3 +268,16 @@ def test_unlinked_latent_shape_names_the_options(tmp_path):
             ],
             run=False,
         )
+
+
+def test_console_script_exits_with_status_zero(tmp_path):
+    """`python -m dmvae_lightning.cli fit ...` (the console script's function) exits 0."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "dmvae_lightning.cli", "fit", "--config", TINY]
+    cmd += ["--trainer.default_root_dir", str(tmp_path), "--trainer.max_epochs", "1"]
+    cmd += ["--trainer.limit_train_batches", "2", "--trainer.logger", "false"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert checkpoints(tmp_path)

@@ -91,5 +91,11 @@ def main(args: ArgsType = None, run: bool = True) -> LightningCLI | None:
     )
 
 
-if __name__ == "__main__":  # pragma: no cover
+def console() -> None:
+    """The ``dmvae`` console script: :func:`main` on ``sys.argv``, exit status 0 on success
+    (returning the CLI object to the script wrapper would make it the exit status)."""
     main()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    console()
