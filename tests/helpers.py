@@ -40,3 +40,26 @@ class SaveAtBatch(pl.Callback):
         self.seen += 1
         if self.seen == self.at:
             trainer.save_checkpoint(self.path)
+
+
+def run_notebook(path: Path) -> dict:
+    """Execute the code cells of a notebook in order in one namespace, with matplotlib's Agg
+    backend and ``plt.show`` a no-op (no Jupyter needed). Returns the namespace."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    namespace: dict = {"__name__": "__notebook__"}
+    original_show = plt.show
+    plt.show = lambda *args, **kwargs: plt.close("all")
+    try:
+        for i, cell in enumerate(json.loads(Path(path).read_text())["cells"]):
+            if cell["cell_type"] == "code":
+                code = compile("".join(cell["source"]), f"{Path(path).name}[cell {i}]", "exec")
+                exec(code, namespace)
+    finally:
+        plt.show = original_show
+    return namespace

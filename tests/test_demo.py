@@ -5,9 +5,12 @@ sample and reconstruction grids are written with finite, sane numbers."""
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
+import pytest
 import yaml
+from helpers import run_notebook
 
 from dmvae_lightning import demo
 
@@ -30,18 +33,27 @@ def shrink(config: dict) -> dict:
     return config
 
 
-def test_demo_runs_every_stage_skips_and_reports(tmp_path, capsys, monkeypatch, fashion_mnist_root):
-    monkeypatch.chdir(tmp_path)  # demo.main changes directory; restored after the test
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory, fashion_mnist_root) -> Path:
+    """The demo run once on shrunk copies of the shipped configs (restores the working dir)."""
+    root = tmp_path_factory.mktemp("demo")
     src = REPO / "configs" / "fashion_mnist"
     for path in src.rglob("*.yaml"):
-        out = tmp_path / "configs" / "fashion_mnist" / path.relative_to(src)
+        out = root / "configs" / "fashion_mnist" / path.relative_to(src)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(yaml.safe_dump(shrink(yaml.safe_load(path.read_text()))))
+    cwd = os.getcwd()
+    try:
+        demo.main(["--root", str(root), "--eval_images", "40"])
+    finally:
+        os.chdir(cwd)
+    return root
 
-    demo.main(["--root", str(tmp_path), "--eval_images", "40"])
+
+def test_demo_runs_every_stage_skips_and_reports(demo_root, capsys, monkeypatch):
     for stage in demo.STAGES:
-        assert (tmp_path / stage.checkpoint).is_file(), stage.name
-    out = tmp_path / "runs" / "fashion_mnist" / "demo"
+        assert (demo_root / stage.checkpoint).is_file(), stage.name
+    out = demo_root / "runs" / "fashion_mnist" / "demo"
     table = (out / "results.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| ") and "PSNR" not in line]
     metrics = [line.split("|")[2:7] for line in rows[: len(demo.VARIANTS)]]
@@ -53,8 +65,19 @@ def test_demo_runs_every_stage_skips_and_reports(tmp_path, capsys, monkeypatch, 
     for name in ("reconstructions.png", *(f"samples_{v.key}.png" for v in demo.VARIANTS)):
         assert (out / name).stat().st_size > 0
 
-    first = (tmp_path / demo.STAGES[0].checkpoint).stat().st_mtime_ns
+    monkeypatch.chdir(demo_root)  # demo.main changes directory; restored after the test
+    first = (demo_root / demo.STAGES[0].checkpoint).stat().st_mtime_ns
     capsys.readouterr()
-    demo.main(["--root", str(tmp_path), "--eval_images", "40"])
+    demo.main(["--root", str(demo_root), "--eval_images", "40"])
     assert capsys.readouterr().out.count("exists, skipping") == len(demo.STAGES)
-    assert (tmp_path / demo.STAGES[0].checkpoint).stat().st_mtime_ns == first
+    assert (demo_root / demo.STAGES[0].checkpoint).stat().st_mtime_ns == first
+
+
+def test_quickstart_notebook_runs_on_the_demo_checkpoints(demo_root, monkeypatch, capsys):
+    """Every code cell of notebooks/quickstart.ipynb, in order, on the demo's checkpoints."""
+    monkeypatch.setenv("DMVAE_ROOT", str(demo_root))
+    monkeypatch.chdir(demo_root)
+    run_notebook(REPO / "notebooks" / "quickstart.ipynb")
+    printed = capsys.readouterr().out
+    assert "-> latents (16, 4, 8, 8)" in printed
+    assert "| tokenizer | PSNR (dB)" in printed
