@@ -367,3 +367,30 @@ def test_diffusion_generator_samples_do_not_depend_on_the_rank_split(tmp_path):
     assert torch.equal(one, two) and one.shape == (7, 8, 8, 1)
     assert labels.tolist() == [0, 1, 2, 0, 1, 2, 0]
     assert one.float().std() > 1  # not a constant image
+
+
+def test_sampling_cli_loads_the_checkpoint_and_names_missing_pieces(tmp_path):
+    from dmvae_lightning.modules.diffusion import LatentDiffusionModule
+    from dmvae_lightning.sampling import main as sampling_main
+
+    module = LatentDiffusionModule(
+        latent_shape=[4, 4, 4],
+        num_classes=3,
+        dit={"preset": "tiny", "patch_size": 2, "hidden_size": 16, "depth": 1, "num_heads": 2},
+        latent_mean=0.0,
+        latent_scale=1.0,
+    )
+    ckpt = tmp_path / "gen.ckpt"
+    torch.save(
+        {
+            "state_dict": module.state_dict(),
+            "hyper_parameters": dict(module.hparams),
+            "pytorch-lightning_version": lightning.__version__,
+        },
+        ckpt,
+    )
+    out = ["--out", str(tmp_path / "s"), "--num_samples", "4", "--no_progress"]
+    with pytest.raises(ValueError, match="--tokenizer_ckpt"):
+        sampling_main(["--ckpt", str(ckpt), *out])
+    with pytest.raises(FileNotFoundError, match="--ckpt"):
+        sampling_main(["--ckpt", str(tmp_path / "none.ckpt"), *out])
