@@ -11,12 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from torch import nn
 
-__all__ = ["DomainFeatures", "FeatureStats", "feature_stats", "frechet_distance"]
+__all__ = ["FeatureStats", "feature_stats", "frechet_distance"]  # + DomainFeatures (moved)
 
 
 @dataclass(frozen=True)
@@ -64,28 +62,11 @@ def frechet_distance(a: FeatureStats, b: FeatureStats) -> float:
     return float(value)
 
 
-class DomainFeatures(nn.Module):
-    """Pooled features (B, D) of a trained ClassifierModule checkpoint (the offline domain
-    feature network, ``configs/fashion_mnist/fid_net.yaml``), frozen, in eval mode.
+def __getattr__(name: str):
+    # DomainFeatures moved to metrics.extractors (one interface with InceptionFeatures); the old
+    # import path keeps working without an import cycle.
+    if name == "DomainFeatures":
+        from dmvae_lightning.metrics.extractors import DomainFeatures
 
-    Input images (B, C, H, W) in [-1, 1], as the classifier was trained on."""
-
-    def __init__(self, checkpoint: str | Path, option: str = "fid_net") -> None:
-        super().__init__()
-        from dmvae_lightning.modules.classifier import load_classifier
-
-        self.net = load_classifier(checkpoint, option=option).requires_grad_(False).eval()
-
-    def train(self, mode: bool = True) -> DomainFeatures:
-        super().train(mode)
-        self.net.eval()
-        return self
-
-    @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.net.embed(images.clamp(-1, 1))
-
-    @torch.no_grad()
-    def stats(self, images: torch.Tensor, batch_size: int = 500) -> FeatureStats:
-        """Feature statistics of ``images`` (N, C, H, W) in [-1, 1], computed in chunks."""
-        return feature_stats(self(chunk) for chunk in images.split(batch_size))
+        return DomainFeatures
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
