@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from dmvae_lightning.callbacks.reference_feeder import ReferenceFeeder
 from dmvae_lightning.data.images import DATASET_NAMES, build_image_dataset, locate_fashion_mnist
-from dmvae_lightning.data.sources import ReferenceSpec, SourceContext
+from dmvae_lightning.data.sources import ReferenceSource, ReferenceSpec, SourceContext
 from dmvae_lightning.latents import META_FILE, LatentCache, describe_dataset
 
 #: Image data sets plus ``"latent_cache"`` (latents written by ``python -m dmvae_lightning.latents``).
@@ -127,8 +127,11 @@ class ReferenceDistribution(L.LightningDataModule):
         synthetic_size: number of images per split of the synthetic data set.
         seed: seeds the training shuffle, the train subset, the synthetic images and the
             reference sample streams.
-        reference: the reference source (:class:`~dmvae_lightning.data.sources.ReferenceSpec`);
-            None = no reference samples. Not allowed with ``dataset: latent_cache`` (its batches
+        reference: the reference source: a built-in one by ``name``
+            (:class:`~dmvae_lightning.data.sources.ReferenceSpec`), a
+            :class:`~dmvae_lightning.data.sources.ReferenceSource` subclass of your own by
+            ``class_path`` / ``init_args`` in YAML (or a ``{"class_path", "init_args"}`` mapping,
+            or a built instance, from Python); None = no reference samples. Not allowed with ``dataset: latent_cache`` (its batches
             already hold ``"reference"``; use a ``bank`` source on a cache folder instead).
     """
 
@@ -148,11 +151,17 @@ class ReferenceDistribution(L.LightningDataModule):
         train_subset: int | None = None,
         synthetic_size: int = 512,
         seed: int = 0,
-        reference: ReferenceSpec | None = None,
+        reference: ReferenceSpec | ReferenceSource | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self._check_arguments()
+        if isinstance(self.hparams.get("reference"), ReferenceSource):
+            # Built in Python (not from a config or a class_path mapping): keep the object out of
+            # the checkpoint's hyperparameters (checkpoints load with weights_only=True); its
+            # fitted state is in the data module's state. Pass it again when loading.
+            self.hparams.pop("reference")
+            self._hparams_initial.pop("reference", None)
         self.feeder: ReferenceFeeder | None = None
         if reference is not None:
             self.feeder = ReferenceFeeder(reference, seed=seed, option="data.init_args.reference")
