@@ -1,7 +1,6 @@
 """Callbacks shipped with the library."""
 
 from dmvae_lightning.callbacks.prediction_writer import PredictionWriter
+from dmvae_lightning.callbacks.reference_feeder import ReferenceFeeder
 
-# ReferenceFeeder lives in dmvae_lightning.callbacks.reference_feeder (importing it here would
-# cycle through data.reference, which owns one).
-__all__ = ["PredictionWriter"]
+__all__ = ["PredictionWriter", "ReferenceFeeder"]
