@@ -89,11 +89,13 @@ def test_cli_fit_uses_the_example_encoder_source_and_loss(cli_runs):
     assert type(model) is PatchEncoderDMVAE
     encoder = model.tokenizer.encoder
     assert isinstance(encoder, PatchEncoder) and encoder.out_dim == 16
-    # the encoder of build_encoder() is the one that trained (its weights moved)
+    # the encoder of build_encoder() is the one that trained: its weights moved from the
+    # (same-seed) initial ones, and its EMA, which starts at them, lags behind
     trained = encoder.state_dict()
-    assert not torch.equal(
-        trained["patchify.weight"], cli_runs["initial_encoder"]["patchify.weight"]
-    )
+    initial = cli_runs["initial_encoder"]
+    assert not torch.equal(trained["patchify.weight"], initial["patchify.weight"])
+    ema = model.state_dict()["ema.encoder__patchify__weight"]
+    assert not torch.equal(ema, trained["patchify.weight"])
     assert int(model.batch_count) == 4
     # the custom matching loss ran on every VAE step (vae_every: 1), on the custom source's
     # samples: Laplace(2, 0.5), mean 2 (2048 values per batch: standard error 0.016)
@@ -209,3 +211,20 @@ def test_source_by_class_path_and_its_errors():
         build_source({"class_path": "plugin_example.sources.LaplaceSource", "shape": [1, 1, 1]})
     with pytest.raises(ValueError, match="class_path"):
         build_source({"name": "laplace", "shape": [1, 1, 1]})
+
+
+def test_source_init_args_are_checked_when_the_config_is_parsed(capsys):
+    """A source of your own is typed like the built-in ones: `--print_config` lists its
+    arguments, and a misspelled one is a parse error."""
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--config", TOKENIZER, "--print_config"])
+    assert exc.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert "plugin_example.sources.LaplaceSource" in printed and "scale: 0.5" in printed
+    bad = (
+        '{"class_path": "plugin_example.sources.LaplaceSource", '
+        '"init_args": {"shape": [4, 8, 8], "lco": 2.0}}'
+    )
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--config", TOKENIZER, "--data.init_args.reference", bad, "--print_config"])
+    assert exc.value.code not in (0, None)
