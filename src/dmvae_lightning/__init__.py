@@ -1,16 +1,114 @@
-"""dmvae-lightning: Distribution-Matching VAEs and latent flow-matching DiTs for Lightning."""
+"""dmvae-lightning: Distribution-Matching VAEs and latent flow-matching DiTs for Lightning.
 
-from dmvae_lightning.callbacks import PredictionWriter
-from dmvae_lightning.data.reference import ReferenceDistribution
-from dmvae_lightning.modules.diffusion import LatentDiffusionModule
-from dmvae_lightning.modules.dmvae import DMVAEModule
-from dmvae_lightning.nets.tokenizer import Tokenizer
+The public API: everything in ``__all__`` imports from here, and each name also has a stable
+home in its subpackage (``dmvae_lightning.modules``, ``.data``, ``.losses``, ``.callbacks``,
+``.nets``, ``.metrics``), which is the path to use in ``class_path`` entries of configs, e.g.
+``dmvae_lightning.modules.dmvae.DMVAEModule`` or ``dmvae_lightning.losses.matching.MMDLoss``.
+"""
+
+from dmvae_lightning.callbacks import PredictionWriter, ReferenceFeeder
+from dmvae_lightning.data import (
+    BankSource,
+    CheckpointFeatureSource,
+    Draw,
+    EncoderFeatureSource,
+    FashionMNIST,
+    GaussianSource,
+    ImageFolderDataset,
+    MixtureSource,
+    NoisedSource,
+    ReferenceDistribution,
+    ReferenceSource,
+    ReferenceSpec,
+    SourceContext,
+    SphereSource,
+    SyntheticImages,
+    TextSource,
+    TimmFeatureSource,
+    build_source,
+)
+from dmvae_lightning.ema import EMA
+from dmvae_lightning.latents import LatentCache, load_frozen_tokenizer
+from dmvae_lightning.losses import (
+    LPIPS,
+    AdversarialLoss,
+    DiffAugment,
+    DMDLoss,
+    GaussianKLLoss,
+    MMDLoss,
+    PointwiseAlignmentLoss,
+    ReconstructionLoss,
+    SlicedWassersteinLoss,
+)
+from dmvae_lightning.metrics import DomainFeatures, FeatureStats, feature_stats, frechet_distance
+from dmvae_lightning.modules import ClassifierModule, DMVAEModule, LatentDiffusionModule
+from dmvae_lightning.nets import (
+    ClassifierEncoder,
+    ConvClassifier,
+    ConvEncoder,
+    Decoder,
+    DiT,
+    MLPBottleneck,
+    PatchDiscriminator,
+    TimmEncoder,
+    Tokenizer,
+)
 
 __all__ = [
+    # LightningModules
+    "ClassifierModule",
     "DMVAEModule",
     "LatentDiffusionModule",
-    "PredictionWriter",
+    # the DataModule and image data sets
+    "FashionMNIST",
+    "ImageFolderDataset",
+    "LatentCache",
     "ReferenceDistribution",
+    "SyntheticImages",
+    # reference sources
+    "BankSource",
+    "CheckpointFeatureSource",
+    "Draw",
+    "EncoderFeatureSource",
+    "GaussianSource",
+    "MixtureSource",
+    "NoisedSource",
+    "ReferenceSource",
+    "ReferenceSpec",
+    "SourceContext",
+    "SphereSource",
+    "TextSource",
+    "TimmFeatureSource",
+    "build_source",
+    # losses
+    "LPIPS",
+    "AdversarialLoss",
+    "DMDLoss",
+    "DiffAugment",
+    "GaussianKLLoss",
+    "MMDLoss",
+    "PointwiseAlignmentLoss",
+    "ReconstructionLoss",
+    "SlicedWassersteinLoss",
+    # callbacks
+    "PredictionWriter",
+    "ReferenceFeeder",
+    # networks
+    "ClassifierEncoder",
+    "ConvClassifier",
+    "ConvEncoder",
+    "Decoder",
+    "DiT",
+    "MLPBottleneck",
+    "PatchDiscriminator",
+    "TimmEncoder",
     "Tokenizer",
+    # metrics and EMA
+    "EMA",
+    "DomainFeatures",
+    "FeatureStats",
+    "feature_stats",
+    "frechet_distance",
+    "load_frozen_tokenizer",
 ]
 __version__ = "0.1.0"

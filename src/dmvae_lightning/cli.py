@@ -27,7 +27,8 @@ def link_data_to_model(config) -> None:
     """State shape and class information once, in the data section.
 
     A model argument ``latent_shape`` / ``num_classes`` that the YAML leaves unset (None) is
-    filled from ``data.init_args.reference.shape`` / ``data.init_args.num_classes``. (A plain
+    filled from ``data.init_args.reference.shape`` (``reference.init_args.shape`` for a source
+    given by ``class_path``) / ``data.init_args.num_classes``. (A plain
     ``link_arguments`` cannot do this in subclass mode: it would also overwrite models and data
     modules that do not have these values, e.g. a tokenizer stage or a latent cache.)
     """
@@ -40,7 +41,9 @@ def link_data_to_model(config) -> None:
         reference = dargs.get("reference") or {}
         shape = None
         while reference and hasattr(reference, "get") and shape is None:  # nested bases
-            shape = reference.get("shape")
+            # a source of your own by class_path keeps its arguments under init_args
+            own = reference.get("init_args") if "class_path" in reference else None
+            shape = (own or reference).get("shape")
             reference = reference.get("base") or {}
         if shape:
             margs["latent_shape"] = list(shape)

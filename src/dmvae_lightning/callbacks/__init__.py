@@ -2,7 +2,6 @@
 
 from dmvae_lightning.callbacks.evaluation import FIDMonitor
 from dmvae_lightning.callbacks.prediction_writer import PredictionWriter
+from dmvae_lightning.callbacks.reference_feeder import ReferenceFeeder
 
-# ReferenceFeeder lives in dmvae_lightning.callbacks.reference_feeder (importing it here would
-# cycle through data.reference, which owns one).
-__all__ = ["FIDMonitor", "PredictionWriter"]
+__all__ = ["FIDMonitor", "PredictionWriter", "ReferenceFeeder"]

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-from dmvae_lightning.callbacks.reference_feeder import ReferenceFeeder
 from dmvae_lightning.data.images import DATASET_NAMES, build_image_dataset, locate_fashion_mnist
-from dmvae_lightning.data.sources import ReferenceSpec, SourceContext
+from dmvae_lightning.data.sources import ReferenceSource, ReferenceSpec, SourceContext
 from dmvae_lightning.latents import META_FILE, LatentCache, describe_dataset
+
+if TYPE_CHECKING:
+    from dmvae_lightning.callbacks.reference_feeder import ReferenceFeeder
 
 #: Image data sets plus ``"latent_cache"`` (latents written by ``python -m dmvae_lightning.latents``).
 DATASETS = (*DATASET_NAMES, "latent_cache")
@@ -127,8 +129,11 @@ class ReferenceDistribution(L.LightningDataModule):
         synthetic_size: number of images per split of the synthetic data set.
         seed: seeds the training shuffle, the train subset, the synthetic images and the
             reference sample streams.
-        reference: the reference source (:class:`~dmvae_lightning.data.sources.ReferenceSpec`);
-            None = no reference samples. Not allowed with ``dataset: latent_cache`` (its batches
+        reference: the reference source: a built-in one by ``name``
+            (:class:`~dmvae_lightning.data.sources.ReferenceSpec`), a
+            :class:`~dmvae_lightning.data.sources.ReferenceSource` subclass of your own by
+            ``class_path`` / ``init_args`` in YAML (or a ``{"class_path", "init_args"}`` mapping,
+            or a built instance, from Python); None = no reference samples. Not allowed with ``dataset: latent_cache`` (its batches
             already hold ``"reference"``; use a ``bank`` source on a cache folder instead).
     """
 
@@ -148,13 +153,23 @@ class ReferenceDistribution(L.LightningDataModule):
         train_subset: int | None = None,
         synthetic_size: int = 512,
         seed: int = 0,
-        reference: ReferenceSpec | None = None,
+        reference: ReferenceSpec | ReferenceSource | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self._check_arguments()
+        if isinstance(self.hparams.get("reference"), ReferenceSource):
+            # Built in Python (not from a config or a class_path mapping): keep the object out of
+            # the checkpoint's hyperparameters (checkpoints load with weights_only=True); its
+            # fitted state is in the data module's state. Pass it again when loading.
+            self.hparams.pop("reference")
+            self._hparams_initial.pop("reference", None)
         self.feeder: ReferenceFeeder | None = None
         if reference is not None:
+            # Imported here, not at the top: the feeder's module imports data.sources, and
+            # importing that package imports this module (a cycle at import time otherwise).
+            from dmvae_lightning.callbacks.reference_feeder import ReferenceFeeder
+
             self.feeder = ReferenceFeeder(reference, seed=seed, option="data.init_args.reference")
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
@@ -227,7 +242,8 @@ class ReferenceDistribution(L.LightningDataModule):
         return 0 if self.feeder is None else int(self.feeder.source.num_classes)
 
     def prepare_data(self) -> None:
-        """Download Fashion-MNIST if (and only if) no local copy is found (rank 0 only)."""
+        """Called by Lightning once per machine (local rank 0) before :meth:`setup`. Returns
+        nothing. Downloads Fashion-MNIST if (and only if) no local copy is found."""
         if self.hparams.dataset == "fashion_mnist":
             for split in ("train", "test"):
                 locate_fashion_mnist(self.hparams.root, split)
@@ -290,7 +306,9 @@ class ReferenceDistribution(L.LightningDataModule):
         return Subset(dataset, indices)
 
     def setup(self, stage: str | None = None) -> None:
-        """Build the val set for every stage and the train set for ``"fit"`` (once each)."""
+        """Called by Lightning on every process at the start of ``fit`` / ``validate`` /
+        ``test`` / ``predict`` (``stage``). Returns nothing. Builds the val set for every stage
+        and the train set for ``"fit"`` (once each) and prepares the reference source."""
         hp = self.hparams
         if stage in (None, "fit") and self.train_set is None:
             self.train_set = self._subset(
@@ -361,8 +379,10 @@ class ReferenceDistribution(L.LightningDataModule):
         return self._train_sampler
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled by :class:`EpochShuffleSampler` (order a function of ``seed`` and the epoch,
-        so resumed runs repeat it), drops the last partial batch."""
+        """Called by Lightning once per ``fit``, after :meth:`setup`. Returns the training
+        ``DataLoader`` of dict batches (see the class docstring): shuffled by
+        :class:`EpochShuffleSampler` (order a function of ``seed`` and the epoch, so resumed runs
+        repeat it), last partial batch dropped."""
         if self.train_set is not None and len(self.train_set) < self.hparams.batch_size:
             raise ValueError(
                 f"`data.init_args.batch_size` ({self.hparams.batch_size}) exceeds the "
@@ -372,24 +392,27 @@ class ReferenceDistribution(L.LightningDataModule):
         return self._loader(self.train_set, train=True)
 
     def val_dataloader(self) -> DataLoader:
-        """Fixed order, all images (or the first ``val_subset``)."""
+        """Called by Lightning once per ``fit`` / ``validate``, after :meth:`setup`. Returns the
+        validation ``DataLoader``: fixed order, all images (or the first ``val_subset``)."""
         return self._loader(self.val_set, train=False)
 
     def test_dataloader(self) -> DataLoader:
-        """Same as `val_dataloader`."""
+        """Called by Lightning at ``test``. Returns the same loader as `val_dataloader`."""
         return self._loader(self.val_set, train=False)
 
     def predict_dataloader(self) -> DataLoader:
-        """Same as `val_dataloader`."""
+        """Called by Lightning at ``predict``. Returns the same loader as `val_dataloader`
+        (no reference samples are added to predict batches)."""
         return self._loader(self.val_set, train=False)
 
     # ---------------------------------------------------------------- reference samples
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """On the module's device: add reference samples to training batches (training stream)
-        and to validation / test batches (held-out stream, the same every epoch); then run the
-        LightningModule's own ``on_after_batch_transfer`` if it has one (Lightning calls only
-        the data module's when both exist)."""
+        """Called by Lightning on every batch once it is on the module's device. Returns the
+        batch: reference samples added to training batches (training stream) and to validation /
+        test batches (held-out stream, the same every epoch); then the LightningModule's own
+        ``on_after_batch_transfer`` runs if it has one (Lightning calls only the data module's
+        when both exist)."""
         trainer = self.trainer
         if self.feeder is not None and trainer is not None and isinstance(batch, dict):
             context = trainer.precision_plugin.forward_context
@@ -430,7 +453,8 @@ class ReferenceDistribution(L.LightningDataModule):
     # ---------------------------------------------------------------- checkpoint state
 
     def state_dict(self) -> dict[str, Any]:
-        """State saved in checkpoints (only rank 0's is written, so keep it rank-independent).
+        """Called by Lightning when a checkpoint is written. Returns the state saved in it
+        (only rank 0's is written, so it is rank-independent).
 
         ``{"seed", "epoch", "batches"}``: the shuffle seed and how many training batches of
         ``epoch`` had been trained on when the checkpoint was written, so a run resumed from a
@@ -448,7 +472,9 @@ class ReferenceDistribution(L.LightningDataModule):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore `state_dict`; a checkpoint made with another seed is an error."""
+        """Called by Lightning when a ``fit`` resumes from a checkpoint (and by
+        ``load_from_checkpoint``), with what :meth:`state_dict` returned. Returns nothing; a
+        checkpoint made with another seed is an error."""
         seed = state_dict.get("seed")
         if seed is not None and seed != self.hparams.seed:
             raise ValueError(

@@ -48,6 +48,16 @@ Sources (``name`` in a :class:`ReferenceSpec`):
   drawn uniformly with replacement, or (``match_labels``) uniformly among rows whose bank label
   equals the batch's label. Rows must hold ``C*H*W`` values (reshaped in C order). Labels: the
   bank labels (``labels_path``, a dict's ``"labels"`` or the cache's) when present.
+
+Sources of your own: subclass :class:`ReferenceSource` (set ``name``, implement :meth:`~ReferenceSource.draw`)
+and name it by class path instead of ``name``, in YAML::
+
+    reference:
+      class_path: my_project.sources.MySource
+      init_args: {shape: [4, 8, 8], my_option: 3.0}
+
+or pass a built instance (or the same mapping) as ``ReferenceDistribution(reference=...)`` /
+``ReferenceFeeder(reference=...)``. :func:`build_source` resolves all three forms.
 """
 
 from __future__ import annotations
@@ -87,6 +97,7 @@ __all__ = [
     "build_source",
     "embed_texts",
     "orthogonal_projection",
+    "source_from_class_path",
 ]
 
 OPTION = "data.init_args.reference"
@@ -279,11 +290,14 @@ def _move(module: nn.Module, device: torch.device) -> nn.Module:
 # --------------------------------------------------------------------------------- base class
 class ReferenceSource:
     """Base class: ``shape`` ``(C, H, W)``, ``num_classes`` of the labels it returns (0 = none),
-    ``uses_images`` (needs ``Draw.images``), ``uses_labels`` (needs ``Draw.labels``).
+    ``uses_images`` (needs ``Draw.images``), ``uses_labels`` (needs ``Draw.labels``), ``name``
+    (stored in checkpoints; a resumed run must use a source of the same name).
 
     Subclasses implement :meth:`draw`; :meth:`prepare` runs once per process before the first
     draw (load networks, open files); :meth:`state_dict` holds fitted state that checkpoints
-    must carry (rank-independent)."""
+    must carry (rank-independent). A subclass's ``__init__`` takes ``shape`` (and, optionally,
+    ``option``, the setting's name for error messages) plus its own typed arguments, which a
+    ``dmvae`` config gives under ``init_args`` (see the module docstring)."""
 
     name = "source"
     uses_images = False
@@ -295,16 +309,27 @@ class ReferenceSource:
         self.num_classes = 0
 
     def prepare(self, context: SourceContext) -> None:
-        """Get ready to draw (idempotent). Default: nothing to do."""
+        """Called once per process and stage set-up (the data module's ``setup``, or the first
+        feed), before any :meth:`draw`: load networks, open files, fit reductions, check
+        ``context`` (classes, image channels). Must be idempotent; returns nothing. Default:
+        nothing to do."""
 
     def draw(self, request: Draw) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Called once per batch (training and held-out feeds) in the training process.
+
+        Must return ``(z, y)``: ``z`` float32 ``(request.n, *self.shape)`` on
+        ``request.device``, ``y`` int64 ``(request.n,)`` labels or None; all randomness from
+        ``request.generator`` (so streams are reproducible and resume exactly)."""
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, Any]:
+        """Called when a checkpoint is written (rank 0's copy is saved). Must return the fitted
+        state a resumed run needs, the same on every rank (default: ``{}``)."""
         return {}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict` (default: nothing)."""
+        """Called when a checkpoint is restored, with what :meth:`state_dict` returned
+        (default: nothing to restore)."""
 
     def _labels(self, request: Draw) -> torch.Tensor:
         if request.labels is None:
@@ -1116,14 +1141,63 @@ class CheckpointFeatureSource(EncoderFeatureSource):
 
 
 # --------------------------------------------------------------------------------- factory
-def build_source(spec: Mapping[str, Any], option: str = OPTION) -> ReferenceSource:
-    """Build a source from a :class:`ReferenceSpec`; errors name ``option`` and the key."""
+def source_from_class_path(spec: Mapping[str, Any], option: str = OPTION) -> ReferenceSource:
+    """Build a source of your own from ``{"class_path": "pkg.module.Class", "init_args": {...}}``
+    (the form ``dmvae`` configs and checkpoints use): imports the class, checks that it
+    subclasses :class:`ReferenceSource` and calls it with ``init_args`` (plus ``option``, when
+    its ``__init__`` takes one, for error messages)."""
+    import importlib
+    import inspect
+
+    class_path = spec["class_path"]
+    unknown = sorted(set(spec) - {"class_path", "init_args"})
+    if unknown:
+        raise ValueError(
+            f"`{option}`: key(s) {unknown} do not go with 'class_path'; put the source's "
+            "arguments under 'init_args'"
+        )
+    module_name, _, class_name = str(class_path).rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ValueError(
+            f"`{option}.class_path`: cannot import {class_path!r} ({err}); give the full import "
+            "path of a ReferenceSource subclass, e.g. my_project.sources.MySource"
+        ) from err
+    if not (isinstance(cls, type) and issubclass(cls, ReferenceSource)):
+        raise TypeError(
+            f"`{option}.class_path`: {class_path!r} is not a subclass of "
+            "dmvae_lightning.data.sources.ReferenceSource"
+        )
+    kwargs = dict(spec.get("init_args") or {})
+    if "option" in inspect.signature(cls).parameters:
+        kwargs.setdefault("option", option)
+    return cls(**kwargs)
+
+
+def build_source(
+    spec: Mapping[str, Any] | ReferenceSource, option: str = OPTION
+) -> ReferenceSource:
+    """Build a source from a :class:`ReferenceSpec` (a built-in source by ``name``), from
+    ``{"class_path": ..., "init_args": ...}`` (a :class:`ReferenceSource` subclass of your own,
+    see :func:`source_from_class_path`), or return a built source as is. Errors name ``option``
+    and the key."""
+    if isinstance(spec, ReferenceSource):
+        return spec
+    if isinstance(spec, Mapping) and "class_path" in spec:
+        return source_from_class_path(spec, option)
     if not isinstance(spec, Mapping) or "name" not in spec:
-        raise ValueError(f"`{option}` must be a mapping with a 'name' (one of {SOURCE_NAMES})")
+        raise ValueError(
+            f"`{option}` must be a mapping with a 'name' (one of {SOURCE_NAMES}) or a "
+            "'class_path' (a ReferenceSource subclass of your own)"
+        )
     kwargs = dict(spec)
     name = kwargs.pop("name")
     if name not in _KEYS:
-        raise ValueError(f"`{option}.name` must be one of {list(SOURCE_NAMES)}, got {name!r}")
+        raise ValueError(
+            f"`{option}.name` must be one of {list(SOURCE_NAMES)}, got {name!r} (for a source "
+            "of your own, give its 'class_path' and 'init_args' instead of a 'name')"
+        )
     unknown = sorted(set(kwargs) - _KEYS[name] - _COMMON_KEYS)
     if unknown:
         raise ValueError(

@@ -34,7 +34,8 @@ validation, test, predict and :meth:`sample`.
 Hooks to override (one piece each): :meth:`configure_models`, :meth:`load_tokenizer`,
 :meth:`get_latents`, :meth:`get_labels`, :meth:`normalize`, :meth:`denormalize`,
 :meth:`sample_time`, :meth:`training_loss`, :meth:`stats_dataloader`, :meth:`sample`,
-:meth:`log_samples`.
+:meth:`decode`, :meth:`log_samples`. Each hook's docstring says when it is called and what it
+must return; overriding one never requires copying another.
 """
 
 from __future__ import annotations
@@ -211,9 +212,11 @@ class LatentDiffusionModule(EMAInEvaluation, pl.LightningModule):
 
     # ------------------------------------------------------------------ hooks: networks
     def configure_models(self) -> None:
-        """Build ``self.dit``, the velocity network ``(x, t, y) -> v`` on (C, H, W) latents.
-        Called once from ``__init__`` (not Lightning's ``configure_model``, which runs again
-        at every ``fit``)."""
+        """Called once from ``__init__`` (not Lightning's ``configure_model``, which runs again
+        at every ``fit``), before the EMA is built. Must set ``self.dit``: the velocity network
+        ``(x, t, y) -> v`` on normalised (B, C, H, W) latents, t (B,) fp32 in [0, 1], y (B,)
+        labels (``num_classes`` = null), with ``null_class`` and ``forward_with_cfg(x, t, y,
+        cfg)``; returns nothing. Default: :class:`~dmvae_lightning.nets.dit.DiT` from ``dit``."""
         hp = self.hparams
         spec: dict[str, Any] = dict(hp.dit or {})
         preset = spec.pop("preset", "tiny")
@@ -231,9 +234,10 @@ class LatentDiffusionModule(EMAInEvaluation, pl.LightningModule):
             raise ValueError(f"model.init_args.dit: {err}") from err
 
     def load_tokenizer(self, path: str) -> nn.Module:
-        """Return the frozen tokenizer of checkpoint ``path``: a module with ``encode(images)
-        -> raw latents`` and ``decode(latents) -> images``, EMA weights in, eval, no grad.
-        Called from ``__init__`` when ``tokenizer_ckpt`` is set."""
+        """Called once from ``__init__`` when ``tokenizer_ckpt`` is set. Must return the frozen
+        tokenizer of checkpoint ``path``: a module with ``encode(images) -> raw latents`` and
+        ``decode(latents) -> images``, EMA weights in, eval mode, no gradient (it is held
+        outside this module's state)."""
         return load_frozen_tokenizer(path, option="model.init_args.tokenizer_ckpt")
 
     @property
@@ -257,9 +261,10 @@ class LatentDiffusionModule(EMAInEvaluation, pl.LightningModule):
 
     # ------------------------------------------------------------------ hooks: data
     def get_latents(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Raw (un-normalised) fp32 latents (B, C, H, W) of a batch: ``encode(batch["image"])``
-        when ``encode_images``, else ``batch[input_key]``. Called by every step and by the
-        statistics pass."""
+        """Called by every training / validation / test step and by the statistics pass with
+        the batch on the module's device. Must return its raw (un-normalised) fp32 latents
+        (B, C, H, W) with (C, H, W) = ``latent_shape``. Default: ``encode(batch["image"])``
+        when ``encode_images``, else ``batch[input_key]``."""
         if self.encode_images:
             tok = self._require_tokenizer("encode_images")
             with torch.no_grad():
@@ -282,25 +287,32 @@ class LatentDiffusionModule(EMAInEvaluation, pl.LightningModule):
         return z
 
     def get_labels(self, batch: dict[str, torch.Tensor], n: int) -> torch.Tensor:
-        """(n,) int64 labels: ``batch["label"]``, or all null when unconditional / unlabelled."""
+        """Called by every training / evaluation step after :meth:`get_latents` (``n`` = its
+        batch size). Must return (n,) int64 labels on the module's device, ``num_classes`` for
+        the null class. Default: ``batch["label"]``, or all null when unconditional /
+        unlabelled."""
         labels = batch.get("label")
         if self.hparams.num_classes == 0 or labels is None:
             return torch.full((n,), self.dit.null_class, dtype=torch.long, device=self.device)
         return labels.long()
 
     def normalize(self, z: torch.Tensor) -> torch.Tensor:
-        """Raw latents -> DiT space: ``(z - latent_mean) * latent_scale`` (fp32, any shape)."""
+        """Called on the latents of every step (after :meth:`get_latents`). Must return them
+        in the DiT's space, fp32, same shape. Default: ``(z - latent_mean) * latent_scale``."""
         return (z.float() - self.latent_mean.float()) * self.latent_scale.float()
 
     def denormalize(self, x: torch.Tensor) -> torch.Tensor:
-        """Inverse of :meth:`normalize`: ``x / latent_scale + latent_mean`` (fp32)."""
+        """Called on the result of every :meth:`sample`. Must return the inverse of
+        :meth:`normalize` (fp32, same shape). Default: ``x / latent_scale + latent_mean``."""
         return x.float() / self.latent_scale.float() + self.latent_mean.float()
 
     # ------------------------------------------------------------------ hooks: the loss
     def sample_time(self, n: int, device: torch.device) -> torch.Tensor:
-        """(n,) fp32 training times in [0, 1] (t = 1 data) from the global RNG, which
-        ``training_step`` seeds per step. Default: :func:`flow.sample_t` with the ``time_*``
-        options."""
+        """Called once per training batch by :meth:`training_loss` (``n`` = batch size), under
+        the global RNG that ``training_step`` seeds per batch (draw from it, and resumed runs
+        repeat the draws). Must return (n,) fp32 times in [0, 1] on ``device`` (t = 1 data,
+        t = 0 noise). Default: :func:`flow.sample_t` with the ``time_*`` options
+        (``examples/plugin_project`` overrides only this hook for stratified times)."""
         hp = self.hparams
         return flow.sample_t(
             n, device, dist=hp.time_dist, mean=hp.time_mean, std=hp.time_std, shift=hp.time_shift
@@ -309,18 +321,21 @@ class LatentDiffusionModule(EMAInEvaluation, pl.LightningModule):
     def training_loss(
         self, x: torch.Tensor, y: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Flow-matching loss on normalised latents ``x`` (B, C, H, W) and labels ``y`` (B,).
-
-        t from :meth:`sample_time`, noise and label dropout (DiT in train mode) from the global
-        RNG. Returns ``(scalar fp32 loss, detached logs)``."""
+        """Called once per training batch (under the per-batch seeded global RNG) with
+        normalised latents ``x`` (B, C, H, W) and labels ``y`` (B,). Must return ``(scalar fp32
+        loss, dict of detached logs)``; Lightning back-propagates the loss. Default: the
+        flow-matching velocity loss with t from :meth:`sample_time`, noise and label dropout
+        (DiT in train mode) from the global RNG."""
         t = self.sample_time(x.shape[0], x.device)
         loss, _ = flow.velocity_loss(self.dit, x, y, t=t)
         return loss, {"train/loss": loss.detach()}
 
     # ------------------------------------------------------------------ latent statistics
     def stats_dataloader(self) -> Iterable[Any]:
-        """Batches for the statistics pass: the training loader of this ``fit`` (with Lightning's
-        distributed sampler, so each rank measures its own shard)."""
+        """Called once at the start of ``fit`` when ``latent_mean`` / ``latent_scale`` are not
+        known yet. Must return an iterable of batches (moved to the device as in training, so
+        the reference feeder runs). Default: the training loader of this ``fit`` (with
+        Lightning's distributed sampler, so each rank measures its own shard)."""
         loader = self.trainer.train_dataloader
         if loader is None or isinstance(loader, dict | list | tuple):
             raise TypeError(
@@ -487,7 +502,9 @@ class LatentDiffusionModule(EMAInEvaluation, pl.LightningModule):
 
     # ------------------------------------------------------------------ sampling
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Raw latents (B, C, H, W) -> images (B, C_img, H_img, W_img) with the tokenizer."""
+        """Called by :meth:`sample` with ``decode=True`` (``predict``, the sample grid). Must
+        return images (B, C_img, H_img, W_img) of raw latents (B, C, H, W). Default: the
+        frozen tokenizer's ``decode``."""
         with torch.no_grad():
             return self._require_tokenizer("decode").decode(z)
 
@@ -504,7 +521,8 @@ class LatentDiffusionModule(EMAInEvaluation, pl.LightningModule):
         noise: torch.Tensor | None = None,
         progress: bool = False,
     ) -> torch.Tensor:
-        """Generate from noise with the EMA DiT.
+        """Generate from noise with the EMA DiT. Called by ``predict_step``, the validation
+        sample grid and user code; returns what ``Returns`` says below.
 
         Args:
             labels: (B,) int64 classes; ``num_classes`` (the null class) samples unconditionally.
@@ -558,8 +576,10 @@ class LatentDiffusionModule(EMAInEvaluation, pl.LightningModule):
         return self.decode(z) if decode else z
 
     def log_samples(self, stage: str) -> None:
-        """Write a grid of ``num_log_images`` decoded samples (labels 0, 1, ...; fixed noise) to
-        TensorBoard. Rank 0 only; skipped without tokenizer, statistics or an image logger."""
+        """Called on the first batch of every validation and test epoch (``stage`` ``"val"`` /
+        ``"test"``, EMA weights in). Returns nothing.
+        Default: a grid of ``num_log_images`` decoded samples (labels 0, 1, ...; fixed noise) to
+        TensorBoard; rank 0 only; skipped without tokenizer, statistics or an image logger."""
         n = self.hparams.num_log_images
         logger = self.logger
         if (

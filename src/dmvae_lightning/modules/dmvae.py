@@ -28,8 +28,10 @@ only after ``disc_start`` batches; before that the generator sees reconstruction
 Subclass and override one hook to change one part: :meth:`build_encoder`,
 :meth:`build_bottleneck`, :meth:`build_decoder`, :meth:`build_discriminator`,
 :meth:`configure_losses`, :meth:`configure_metrics`, :meth:`encode`, :meth:`decode`,
-:meth:`generator_loss`, :meth:`matching_term`, :meth:`discriminator_loss`, :meth:`is_vae_step`,
-:meth:`log_images`.
+:meth:`generator_loss`, :meth:`matching_term`, :meth:`fake_loss`, :meth:`discriminator_loss`,
+:meth:`is_vae_step`, :meth:`log_images` (and :meth:`configure_models`, :meth:`ema_target`). Each
+hook's docstring says when it is called and what it must return; overriding one never requires
+copying another (``examples/plugin_project`` overrides only :meth:`build_encoder`).
 
 DDP note: the discriminator receives no gradient in the generator step. Until the distributed
 issue lands, run multi-device jobs with ``strategy: ddp_find_unused_parameters_true``.
@@ -239,7 +241,11 @@ class DMVAEModule(EMAInEvaluation, pl.LightningModule):
 
     # ------------------------------------------------------------------ hooks: networks
     def configure_models(self) -> None:
-        """Build ``self.tokenizer`` and ``self.discriminator``. Called once from ``__init__``."""
+        """Called once from ``__init__``, before the losses and metrics are built. Must set
+        ``self.tokenizer`` (a :class:`~dmvae_lightning.nets.tokenizer.Tokenizer` of the
+        ``build_encoder`` / ``build_bottleneck`` / ``build_decoder`` parts) and
+        ``self.discriminator`` (from ``build_discriminator``); returns nothing. Override one
+        ``build_*`` hook to swap one part, this one only to change how they are assembled."""
         encoder = self.build_encoder()
         in_dim = getattr(encoder, "out_dim", None)
         if in_dim is None:
@@ -250,25 +256,31 @@ class DMVAEModule(EMAInEvaluation, pl.LightningModule):
         self.discriminator = self.build_discriminator()
 
     def build_encoder(self) -> nn.Module:
-        """Return the encoder: images (B, C_img, H, W) in [-1, 1] -> features (B, D, h, w).
-
-        The module must expose ``out_dim`` (D). Override to plug in another backbone."""
+        """Called once by :meth:`configure_models` (in ``__init__``). Must return the encoder: an
+        ``nn.Module`` mapping images (B, C_img, H, W) in [-1, 1] to features (B, D, h, w), with
+        an ``out_dim`` attribute (D, which sizes the bottleneck). Default: from the ``encoder``
+        spec (:func:`~dmvae_lightning.nets.encoders.build_encoder`). Override to plug in another
+        backbone; ``self.hparams`` (e.g. ``self.hparams.encoder``) is available."""
         spec: dict[str, Any] = {"name": "conv", **(self.hparams.encoder or {})}
         spec.setdefault("in_channels", self.hparams.image_channels)
         spec.update(spec.pop("timm_kwargs", None) or {})
         return build_encoder(spec)
 
     def build_bottleneck(self, in_dim: int) -> nn.Module:
-        """Return the map features (B, D, h, w) -> latent (B, C, h, w)."""
+        """Called once by :meth:`configure_models` with ``in_dim`` = the encoder's ``out_dim``.
+        Must return the ``nn.Module`` mapping features (B, D, h, w) to raw latents
+        (B, latent_channels, h, w); with ``bottleneck_gaussian`` it must also offer
+        ``forward_stats(features) -> (mean, logvar)``. Default: the per-position MLP."""
         hp = self.hparams
         return MLPBottleneck(
             in_dim, hp.latent_channels, hp.bottleneck_hidden, gaussian=hp.bottleneck_gaussian
         )
 
     def build_decoder(self) -> nn.Module:
-        """Return the decoder: latent (B, C, h, w) -> image (B, C_img, H, W).
-
-        Must expose ``get_last_layer()`` for the adaptive GAN weight."""
+        """Called once by :meth:`configure_models`. Must return the decoder: an ``nn.Module``
+        mapping raw latents (B, C, h, w) to images (B, C_img, H, W) (roughly [-1, 1],
+        unclamped), with ``get_last_layer()`` returning the last layer's weight (for the adaptive
+        GAN weight). Default: :class:`~dmvae_lightning.nets.decoder.Decoder` from ``decoder``."""
         spec = dict(self.hparams.decoder or {})
         try:
             return Decoder(
@@ -280,13 +292,18 @@ class DMVAEModule(EMAInEvaluation, pl.LightningModule):
             raise TypeError(f"model.init_args.decoder: {err}") from err
 
     def build_discriminator(self) -> nn.Module:
-        """Return the discriminator: images -> patch logits."""
+        """Called once by :meth:`configure_models`. Must return the discriminator: an
+        ``nn.Module`` mapping images (B, C_img, H, W) to real/fake logits (any shape, e.g. a
+        patch map). Default: :class:`~dmvae_lightning.nets.discriminator.PatchDiscriminator`."""
         spec = dict(self.hparams.discriminator or {})
         return PatchDiscriminator(in_channels=self.hparams.image_channels, **spec)
 
     # ------------------------------------------------------------------ hooks: losses, metrics
     def configure_losses(self) -> None:
-        """Build ``self.reconstruction`` and ``self.adversarial``. Called once from ``__init__``."""
+        """Called once from ``__init__``, after :meth:`configure_models` and after
+        ``self.matching_loss`` is set. Must set ``self.reconstruction`` (called as
+        ``(x, x_rec) -> (loss, logs)``) and ``self.adversarial`` (an
+        :class:`~dmvae_lightning.losses.adversarial.AdversarialLoss`); returns nothing."""
         hp = self.hparams
         self.reconstruction = ReconstructionLoss(
             l1_weight=hp.l1_weight,
@@ -303,7 +320,10 @@ class DMVAEModule(EMAInEvaluation, pl.LightningModule):
         )
 
     def configure_metrics(self) -> None:
-        """Build ``self.val_metrics`` / ``self.test_metrics`` (PSNR, SSIM on [0, 1] images)."""
+        """Called once from ``__init__``, after :meth:`configure_losses`. Must set
+        ``self.val_metrics`` and ``self.test_metrics``: metric collections updated with
+        ``(reconstruction, image)`` in [0, 1] at every validation / test step and logged per
+        epoch; returns nothing. Default: PSNR and SSIM."""
         self.val_metrics = MetricCollection(
             {
                 "psnr": PeakSignalNoiseRatio(data_range=1.0),
@@ -315,11 +335,16 @@ class DMVAEModule(EMAInEvaluation, pl.LightningModule):
 
     # ------------------------------------------------------------------ public API
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, C_img, H, W) in [-1, 1] -> raw latents (B, C, h, w)."""
+        """Images (B, C_img, H, W) in [-1, 1] -> raw latents (B, C, h, w). Called on every
+        training batch (with gradient on VAE steps), by evaluation and ``predict`` (EMA weights
+        in) and by anything using the module as a tokenizer (latent caches, diffusion
+        training). Must return the latents the decoder and the matching loss see."""
         return self.tokenizer.encode(x)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Raw latents (B, C, h, w) -> images (B, C_img, H, W), roughly [-1, 1], unclamped."""
+        """Raw latents (B, C, h, w) -> images (B, C_img, H, W), roughly [-1, 1], unclamped.
+        Called on VAE steps of training, by evaluation and ``predict``, and to decode samples
+        of a diffusion model. Must return the reconstruction (never clamped here)."""
         return self.tokenizer.decode(z)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -327,8 +352,10 @@ class DMVAEModule(EMAInEvaluation, pl.LightningModule):
         return self.decode(self.encode(x))
 
     def ema_target(self) -> nn.ModuleDict:
-        """The tokenizer parts that train in this stage (the only ones EMA covers), fixed at
-        construction: ``encoder`` (when trainable), ``bottleneck``, ``decoder``."""
+        """Called when the EMA is built (``__init__``), updated (after each VAE step) and
+        swapped in (evaluation, :meth:`ema_scope`). Must return the same module tree every
+        time: the tokenizer parts that train in this stage (the only ones EMA covers),
+        ``encoder`` (when trainable), ``bottleneck``, ``decoder``."""
         return nn.ModuleDict({name: getattr(self.tokenizer, name) for name in self._ema_parts})
 
     @contextlib.contextmanager
@@ -382,10 +409,12 @@ class DMVAEModule(EMAInEvaluation, pl.LightningModule):
     def generator_loss(
         self, x: torch.Tensor, x_rec: torch.Tensor, z: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Loss of the tokenizer for one batch. Returns (scalar loss, detached logs).
-
-        Called inside the generator's ``toggled_optimizer`` block, so the discriminator's
-        parameters take no gradient from it."""
+        """Called on every VAE step (:meth:`is_vae_step`) with images ``x``, their
+        reconstructions ``x_rec`` and latents ``z``, inside the generator's
+        ``toggled_optimizer`` block (the discriminator's parameters take no gradient from it).
+        Must return ``(scalar loss, dict of detached logs)``; ``matching_weight`` x
+        :meth:`matching_term` is added to the loss afterwards. Default: reconstruction, plus the
+        adaptive-weight GAN loss once ``disc_start`` is reached."""
         rec, logs = self.reconstruction(x, x_rec)
         logs = {f"train/{k}": v for k, v in logs.items()}
         loss = rec
@@ -401,15 +430,20 @@ class DMVAEModule(EMAInEvaluation, pl.LightningModule):
     def discriminator_loss(
         self, x: torch.Tensor, x_rec: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Loss of the discriminator on real ``x`` and detached reconstructions ``x_rec``."""
+        """Called on VAE steps once ``disc_start`` is reached, after the generator stepped,
+        inside the discriminator's ``toggled_optimizer`` block, with real images ``x`` and the
+        reconstructions ``x_rec``. Must return ``(scalar loss, dict of detached logs)``; detach
+        ``x_rec`` (the default does: hinge loss, DiffAugment, bCR)."""
         loss, logs = self.adversarial.discriminator_loss(self.discriminator, x, x_rec.detach())
         return loss, {f"train/{k}": v for k, v in logs.items()}
 
     def matching_term(
         self, x: torch.Tensor, z: torch.Tensor, batch: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Unweighted matching loss of raw latents ``z`` (B, C, h, w) encoded from images ``x``
-        on a VAE step. Returns (scalar loss, detached logs). What each loss is given:
+        """Called on every VAE step when a ``matching_loss`` is set and ``matching_weight`` is
+        not 0, with the images ``x``, their raw latents ``z`` (B, C, h, w, with gradient) and the
+        batch. Must return the unweighted ``(scalar loss, dict of detached logs)``; the module
+        adds ``matching_weight`` times it to :meth:`generator_loss`. What each loss is given:
 
         * :class:`DMDLoss`: ``loss.normalize(z)`` (the real model's latent space) and, with
           ``matching_labels``, ``batch["label"]``;
@@ -449,7 +483,9 @@ class DMVAEModule(EMAInEvaluation, pl.LightningModule):
         return value, logs
 
     def is_vae_step(self, batch_count: int) -> bool:
-        """Whether the VAE (and discriminator) step on batch number ``batch_count`` (from 0):
+        """Called at the start of every training batch with the module's own batch counter
+        (from 0; not ``global_step``). Must return whether the VAE (and discriminator) step on
+        this batch; on other batches the module only encodes (for the DMD fake model). Default:
         every ``vae_every``-th batch, i.e. ``(batch_count + 1) % vae_every == 0``."""
         return (batch_count + 1) % self.vae_every == 0
 
@@ -576,8 +612,11 @@ class DMVAEModule(EMAInEvaluation, pl.LightningModule):
     def fake_loss(
         self, z: torch.Tensor, batch: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Flow-matching loss of the DMD fake score model on stop-gradient raw latents ``z``
-        (B, C, h, w), mapped to the real model's space. Returns (loss, detached logs)."""
+        """Called on every training batch when a DMD fake score model trains
+        (:attr:`trains_fake`), after the VAE step if any, inside the fake model's
+        ``toggled_optimizer`` block, with stop-gradient raw latents ``z`` (B, C, h, w) and the
+        batch. Must return ``(scalar loss, dict of detached logs)``. Default: the fake model's
+        flow-matching loss on ``z`` mapped to the real model's space (labels for CFG)."""
         loss_fn = self.matching_loss
         labels = batch.get("label") if self.hparams.matching_labels else None
         value = loss_fn.fake_loss(loss_fn.normalize(z.detach()), labels)
@@ -620,7 +659,10 @@ class DMVAEModule(EMAInEvaluation, pl.LightningModule):
         return {"latent": z, "reconstruction": self.decode(z).clamp(-1, 1)}
 
     def log_images(self, x: torch.Tensor, x_rec: torch.Tensor, prefix: str) -> None:
-        """Write a grid (top rows originals, bottom rows reconstructions) to TensorBoard."""
+        """Called on the first batch of every validation and test epoch (EMA weights in), with
+        images ``x``, reconstructions ``x_rec`` and ``prefix`` ``"val"`` / ``"test"``. Returns
+        nothing. Default: a grid (top rows originals, bottom rows reconstructions) to
+        TensorBoard when the logger has ``add_image``."""
         n = min(self.hparams.num_log_images, x.shape[0])
         if n == 0 or self.logger is None or not hasattr(self.logger.experiment, "add_image"):
             return
