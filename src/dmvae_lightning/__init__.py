@@ -6,7 +6,7 @@ home in its subpackage (``dmvae_lightning.modules``, ``.data``, ``.losses``, ``.
 ``dmvae_lightning.modules.dmvae.DMVAEModule`` or ``dmvae_lightning.losses.matching.MMDLoss``.
 """
 
-from dmvae_lightning.callbacks import PredictionWriter, ReferenceFeeder
+from dmvae_lightning.callbacks import FIDMonitor, PredictionWriter, ReferenceFeeder
 from dmvae_lightning.data import (
     BankSource,
     CheckpointFeatureSource,
@@ -40,7 +40,15 @@ from dmvae_lightning.losses import (
     ReconstructionLoss,
     SlicedWassersteinLoss,
 )
-from dmvae_lightning.metrics import DomainFeatures, FeatureStats, feature_stats, frechet_distance
+from dmvae_lightning.metrics import (
+    DomainFeatures,
+    FeatureStats,
+    InceptionFeatures,
+    StatsCache,
+    build_extractor,
+    feature_stats,
+    frechet_distance,
+)
 from dmvae_lightning.modules import ClassifierModule, DMVAEModule, LatentDiffusionModule
 from dmvae_lightning.nets import (
     ClassifierEncoder,
@@ -91,6 +99,7 @@ __all__ = [
     "ReconstructionLoss",
     "SlicedWassersteinLoss",
     # callbacks
+    "FIDMonitor",
     "PredictionWriter",
     "ReferenceFeeder",
     # networks
@@ -107,6 +116,9 @@ __all__ = [
     "EMA",
     "DomainFeatures",
     "FeatureStats",
+    "InceptionFeatures",
+    "StatsCache",
+    "build_extractor",
     "feature_stats",
     "frechet_distance",
     "load_frozen_tokenizer",
