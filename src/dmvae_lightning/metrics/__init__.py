@@ -1,0 +1,1 @@
+"""Evaluation metrics: distances between sample sets (:mod:`.distances`)."""
