@@ -8,7 +8,8 @@ Examples::
     dmvae import_public dit --src public_dit.pt --out generator.ckpt   # see convert.py
 
 Model and data are chosen by ``class_path`` (subclass mode), so classes of other projects plug in
-without touching this file. Unknown or misspelled options are parse errors.
+without touching this file. ``data`` may be left out for a model that serves its own loaders.
+Unknown or misspelled options are parse errors.
 """
 
 from __future__ import annotations
@@ -84,7 +85,9 @@ def main(args: ArgsType = None, run: bool = True) -> LightningCLI | None:
         return None
     return DMVAECLI(
         model_class=pl.LightningModule,
-        datamodule_class=pl.LightningDataModule,
+        # None (= any LightningDataModule, subclass mode) makes `data` optional, for modules that
+        # serve their own training loader (the toy study's PointAlignmentModule).
+        datamodule_class=None,
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},

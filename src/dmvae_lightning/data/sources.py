@@ -48,6 +48,11 @@ Sources (``name`` in a :class:`ReferenceSpec`):
   drawn uniformly with replacement, or (``match_labels``) uniformly among rows whose bank label
   equals the batch's label. Rows must hold ``C*H*W`` values (reshaped in C order). Labels: the
   bank labels (``labels_path``, a dict's ``"labels"`` or the cache's) when present.
+* ``s_shape``: the paper's 2-D toy density (PAPER.md section 2), shape ``[2, 1, 1]`` (a point
+  ``(x, y)`` as one 2-channel token): centre curve ``x = a sin(pi u)``,
+  ``y = v u - s sin(2 pi u)``, ``u ~ U(-1, 1)``, plus ``N(0, thickness^2)`` along the curve's unit
+  normal and isotropic ``N(0, (noise (0.4 + 0.6 |u|))^2)``; then ``y`` is negated (``flip_y``)
+  and both coordinates are clipped to ``[-clip, clip]``. No labels.
 
 Sources of your own: subclass :class:`ReferenceSource` (set ``name``, implement :meth:`~ReferenceSource.draw`)
 and name it by class path instead of ``name``, in YAML::
@@ -91,6 +96,7 @@ __all__ = [
     "ReferenceSource",
     "ReferenceSpec",
     "SourceContext",
+    "SShapeSource",
     "SphereSource",
     "TextSource",
     "TimmFeatureSource",
@@ -110,6 +116,7 @@ SOURCE_NAMES = (
     "diffusion_noise",
     "text",
     "bank",
+    "s_shape",
 )
 
 
@@ -134,10 +141,21 @@ class ReferenceSpec(TypedDict, total=False):
       ``noise_std`` (0.5), ``center`` (true), ``model_path`` (default: the packaged model),
       ``cache_dir`` (stores the caption embeddings).
     * bank: ``path``, ``labels_path``, ``key`` (``"features"``), ``match_labels`` (false).
+    * s_shape: ``amplitude`` (0.85), ``vertical_scale`` (0.85), ``skew`` (0.15), ``thickness``
+      (0.06), ``noise`` (0.03), ``flip_y`` (true), ``clip`` (1.0); ``shape`` defaults to
+      ``[2, 1, 1]`` and can be nothing else.
     """
 
     name: Literal[
-        "gaussian", "gmm", "sphere", "timm", "checkpoint", "diffusion_noise", "text", "bank"
+        "gaussian",
+        "gmm",
+        "sphere",
+        "timm",
+        "checkpoint",
+        "diffusion_noise",
+        "text",
+        "bank",
+        "s_shape",
     ]
     shape: list[int]
     seed: int
@@ -171,6 +189,13 @@ class ReferenceSpec(TypedDict, total=False):
     path: str
     key: str
     match_labels: bool
+    amplitude: float
+    vertical_scale: float
+    skew: float
+    thickness: float
+    noise: float
+    flip_y: bool
+    clip: float
 
 
 _FEATURE_KEYS = {"resize", "reduce", "pca_items", "cache_dir", "cache_dtype"}
@@ -183,6 +208,7 @@ _KEYS: dict[str, set[str]] = {
     "diffusion_noise": {"base", "t"},
     "text": {"template", "class_names", "noise_std", "center", "model_path", "cache_dir"},
     "bank": {"path", "labels_path", "key", "match_labels"},
+    "s_shape": {"amplitude", "vertical_scale", "skew", "thickness", "noise", "flip_y", "clip"},
 }
 _COMMON_KEYS = {"name", "shape", "seed"}
 
@@ -477,6 +503,75 @@ class NoisedSource(ReferenceSource):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.base.load_state_dict(state)
+
+
+class SShapeSource(ReferenceSource):
+    """The paper's 2-D S-shaped toy density (module docstring), as ``(n, 2, 1, 1)`` points.
+
+    Per draw, in this order from ``request.generator``: ``u ~ U(-1, 1)`` (n,), the normal offset
+    ``N(0, 1)`` (n,), the isotropic noise ``N(0, 1)`` (n, 2). :meth:`curve` and :meth:`normal`
+    give the centre curve and its unit normal *before* the ``y`` flip. No labels.
+    """
+
+    name = "s_shape"
+
+    def __init__(
+        self,
+        shape: Any = (2, 1, 1),
+        amplitude: float = 0.85,
+        vertical_scale: float = 0.85,
+        skew: float = 0.15,
+        thickness: float = 0.06,
+        noise: float = 0.03,
+        flip_y: bool = True,
+        clip: float = 1.0,
+        option: str = OPTION,
+    ) -> None:
+        super().__init__(shape, option)
+        if self.shape != (2, 1, 1):
+            raise ValueError(
+                f"`{option}.shape` must be [2, 1, 1] for name 's_shape' (one 2-D point as a "
+                f"single 2-channel token), got {list(self.shape)}"
+            )
+        for key, value in (("thickness", thickness), ("noise", noise)):
+            if value < 0:
+                raise ValueError(f"`{option}.{key}` must be >= 0, got {value}")
+        if clip <= 0:
+            raise ValueError(f"`{option}.clip` must be > 0, got {clip}")
+        self.amplitude, self.vertical_scale, self.skew = (
+            float(amplitude),
+            float(vertical_scale),
+            float(skew),
+        )
+        self.thickness, self.noise = float(thickness), float(noise)
+        self.flip_y, self.clip = bool(flip_y), float(clip)
+
+    def curve(self, u: torch.Tensor) -> torch.Tensor:
+        """Centre-curve points (n, 2) at parameters ``u`` (n,), before the ``y`` flip."""
+        x = self.amplitude * torch.sin(math.pi * u)
+        y = self.vertical_scale * u - self.skew * torch.sin(2 * math.pi * u)
+        return torch.stack([x, y], dim=1)
+
+    def normal(self, u: torch.Tensor) -> torch.Tensor:
+        """Unit normals (n, 2) of the centre curve at ``u``: the unit tangent turned by +90
+        degrees, ``(-T_y, T_x)``, before the ``y`` flip."""
+        dx = self.amplitude * math.pi * torch.cos(math.pi * u)
+        dy = self.vertical_scale - 2 * math.pi * self.skew * torch.cos(2 * math.pi * u)
+        tangent = torch.stack([dx, dy], dim=1)
+        tangent = tangent / tangent.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        return torch.stack([-tangent[:, 1], tangent[:, 0]], dim=1)
+
+    def draw(self, request: Draw) -> tuple[torch.Tensor, None]:
+        n, gen, device = request.n, request.generator, request.device
+        u = 2.0 * torch.rand(n, generator=gen, device=device) - 1.0
+        offset = request.randn(n)
+        iso = request.randn(n, 2)
+        points = self.curve(u) + (self.thickness * offset)[:, None] * self.normal(u)
+        points = points + iso * (self.noise * (0.4 + 0.6 * u.abs()))[:, None]
+        if self.flip_y:
+            points = points * points.new_tensor([1.0, -1.0])
+        points = points.clamp(-self.clip, self.clip)
+        return points.view(n, 2, 1, 1), None
 
 
 # --------------------------------------------------------------------------------- text
@@ -1206,6 +1301,8 @@ def build_source(
         )
     seed = int(kwargs.pop("seed", 0))
     shape = kwargs.pop("shape", None)
+    if name == "s_shape":
+        return SShapeSource((2, 1, 1) if shape is None else shape, option=option, **kwargs)
     if shape is None and name not in ("bank", "diffusion_noise"):
         raise ValueError(f"`{option}.shape` ([C, H, W]) is required for name {name!r}")
     if name == "gaussian":

@@ -1,7 +1,16 @@
 """Evaluation metrics: Frechet distance of feature statistics (FID / rFID / gFID with
 torch-fidelity's TF-Inception or the offline Fashion-MNIST domain network), Inception Score,
-PSNR / SSIM / LPIPS, real-image statistics cached by content hash, ADM ``.npz`` files."""
+PSNR / SSIM / LPIPS, real-image statistics cached by content hash, ADM ``.npz`` files, and
+distances between small sample sets (:mod:`.distances`: sliced Wasserstein, energy distance,
+coverage, precision)."""
 
+from dmvae_lightning.metrics.distances import (
+    cloud_metrics,
+    coverage,
+    energy_distance,
+    precision,
+    sliced_wasserstein,
+)
 from dmvae_lightning.metrics.evaluate import (
     evaluate_samples,
     inception_score,
@@ -32,14 +41,19 @@ __all__ = [
     "InceptionFeatures",
     "StatsCache",
     "build_extractor",
+    "cloud_metrics",
+    "coverage",
+    "energy_distance",
     "evaluate_samples",
     "feature_stats",
     "frechet_distance",
     "inception_score",
     "load_adm_samples",
     "load_adm_stats",
+    "precision",
     "reconstruction_metrics",
     "reference_stats",
     "save_adm_samples",
     "save_adm_stats",
+    "sliced_wasserstein",
 ]
