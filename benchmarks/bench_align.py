@@ -13,8 +13,9 @@ Same model sizes (the Fashion-MNIST alignment config: 32x32x1 images -> 4x8x8 la
 encoder, decoder ch 16 (1, 2, 2), DiT hidden 128 x depth 4, patch 2), batch, ``vae_every`` (5)
 and CFG scale (5, the paper's) for all three; data are random tensors held in memory. The module
 runs its "pretrain" stage with the matching loss and ``vae_every``: the same training step as
-"align" without needing a stage-1 checkpoint. Prints ms per batch (median over ``--repeats``
-windows of ``--batches`` batches, after ``--warmup`` batches) and the ratios::
+"align" without needing a stage-1 checkpoint. Prints ms per batch (median over ``--rounds``
+rounds, variant order rotated per round, of the mean over ``--batches`` batches after ``--warmup``
+batches) and the ratios::
 
     python benchmarks/bench_align.py
     python benchmarks/bench_align.py --threads 1 --batch_size 32
@@ -185,10 +186,13 @@ def run_plain(args: argparse.Namespace, total: int, naive: bool) -> list[float]:
                 z = z.detach()
                 module.ema.update(module.ema_target())
             else:
-                with torch.no_grad():
+                if naive:  # the full forward, graph and all, computed and thrown away
                     z = module.encode(x)
-                    if naive:
-                        module.decode(z)  # computed and thrown away, as in the public loop
+                    module.decode(z)
+                    z = z.detach()
+                else:
+                    with torch.no_grad():
+                        z = module.encode(x)
             f_loss, _ = module.fake_loss(z, batch)
             _step(opt_f, f_loss, fake_params, 1.0)
         module.batch_count += 1
@@ -199,12 +203,9 @@ def run_plain(args: argparse.Namespace, total: int, naive: bool) -> list[float]:
 
 
 def per_batch_ms(ends: list[float], args: argparse.Namespace) -> float:
-    """Median over windows of ``args.batches`` batches (after the warm-up) of ms per batch."""
-    windows = []
-    for r in range(args.repeats):
-        a = args.warmup + r * args.batches - 1
-        windows.append((ends[a + args.batches] - ends[a]) / args.batches * 1e3)
-    return statistics.median(windows)
+    """ms per batch over the ``args.batches`` batches after the warm-up."""
+    a = args.warmup - 1
+    return (ends[a + args.batches] - ends[a]) / args.batches * 1e3
 
 
 def main() -> None:
@@ -214,7 +215,7 @@ def main() -> None:
     parser.add_argument("--cfg", type=float, default=5.0)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--batches", type=int, default=20, help="batches per timed window")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="rounds, variant order rotated")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
@@ -222,16 +223,21 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if args.batches % args.vae_every:
         parser.error("--batches must be a multiple of --vae_every (same VAE steps per window)")
-    total = args.warmup + args.batches * args.repeats + 1
+    total = args.warmup + args.batches + 1
     runs: dict[str, Callable[[], list[float]]] = {
         "naive": lambda: run_plain(args, total, naive=True),
         "plain": lambda: run_plain(args, total, naive=False),
         "lightning": lambda: run_lightning(args, total),
     }
-    ms = {name: per_batch_ms(run(), args) for name, run in runs.items()}
+    names = list(runs)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(args.rounds):  # rotate the order so no variant always runs first
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            samples[name].append(per_batch_ms(runs[name](), args))
+    ms = {name: statistics.median(values) for name, values in samples.items()}
     print(
         f"alignment step, batch {args.batch_size}, vae_every {args.vae_every}, CFG {args.cfg}, "
-        f"{torch.get_num_threads()} threads, {args.device}"
+        f"{torch.get_num_threads()} threads, {args.device}; median of {args.rounds} rounds"
     )
     for name, value in ms.items():
         print(f"  {name:<10} {value:8.1f} ms / batch")

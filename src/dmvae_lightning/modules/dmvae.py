@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Literal, TypedDict
 
@@ -199,7 +200,10 @@ class DMVAEModule(EMAInEvaluation, pl.LightningModule):
         matching_labels: bool = True,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        with warnings.catch_warnings():
+            # A loss built in Python is an nn.Module; it is dropped from the hparams just below.
+            warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`.*")
+            self.save_hyperparameters()
         if isinstance(self.hparams.get("matching_loss"), nn.Module):
             # Built in Python (not from a config): keep the module out of the checkpoint's
             # hyperparameters (its weights are in the state dict); pass it again when loading.
