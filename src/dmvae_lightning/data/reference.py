@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import lightning as L
 import torch
 from lightning.pytorch.utilities.model_helpers import is_overridden
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from dmvae_lightning.data.images import DATASET_NAMES, build_image_dataset, locate_fashion_mnist
 from dmvae_lightning.data.sources import ReferenceSource, ReferenceSpec, SourceContext
@@ -22,19 +22,28 @@ if TYPE_CHECKING:
 DATASETS = (*DATASET_NAMES, "latent_cache")
 
 
-class EpochShuffleSampler(Sampler[int]):
-    """A random permutation that is a pure function of ``(seed, epoch)``.
+class EpochShuffleSampler(DistributedSampler):
+    """A random permutation that is a pure function of ``(seed, epoch)``, split between ranks.
 
     Lightning calls :meth:`set_epoch` at the start of every training epoch, so a run resumed
     from a checkpoint at epoch k sees exactly the order an uninterrupted run sees at epoch k
     (a sampler drawing from a running generator would replay epoch 0's order instead).
-    :meth:`resume_at` makes the next pass over a given epoch start at an offset, for runs
-    resumed from a mid-epoch checkpoint.
+    :meth:`resume_at` makes the next pass over a given epoch start at an offset (counted in
+    items of the global order), for runs resumed from a mid-epoch checkpoint.
+
+    With ``num_replicas`` W > 1, rank r takes items r, r + W, r + 2W, ... of the epoch's order
+    (cut to a multiple of W), so the k-th global batch of W ranks holds exactly the items of the
+    k-th batch of one process with a W times larger batch. It is a ``DistributedSampler`` only so
+    that Lightning does not wrap it in a second, reshuffling one; it reads no process group.
     """
 
-    def __init__(self, num_items: int, seed: int = 0) -> None:
+    def __init__(self, num_items: int, seed: int = 0, num_replicas: int = 1, rank: int = 0) -> None:
+        # DistributedSampler.__init__ is not called: it needs a dataset and a process group.
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not in [0, num_replicas={num_replicas})")
         self.num_items = num_items
         self.seed = seed
+        self.num_replicas, self.rank = num_replicas, rank
         self.epoch = 0
         self._resume: tuple[int, int] | None = None  # (epoch, first position)
 
@@ -46,17 +55,18 @@ class EpochShuffleSampler(Sampler[int]):
         self._resume = (epoch, position)
 
     def __len__(self) -> int:
-        return self.num_items
+        return self.num_items // self.num_replicas
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(self.num_items, generator=generator)
+        order = order[: len(order) - len(order) % self.num_replicas]
         if self._resume is not None:
             epoch, position = self._resume
             self._resume = None
             if epoch == self.epoch:
                 order = order[position:]
-        return iter(order.tolist())
+        return iter(order[self.rank :: self.num_replicas].tolist())
 
 
 class IndexedDataset(Dataset):
@@ -372,7 +382,9 @@ class ReferenceDistribution(L.LightningDataModule):
         )
 
     def _make_train_sampler(self, dataset: Dataset) -> EpochShuffleSampler:
-        self._train_sampler = EpochShuffleSampler(len(dataset), self.hparams.seed)
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        self._train_sampler = EpochShuffleSampler(len(dataset), self.hparams.seed, world, rank)
         if self._resume is not None:
             self._train_sampler.resume_at(*self._resume)
             self._resume = None
@@ -467,6 +479,8 @@ class ReferenceDistribution(L.LightningDataModule):
         if trainer is not None and trainer.training:
             state["epoch"] = trainer.current_epoch
             state["batches"] = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            # items of the epoch's global order consumed by all ranks together
+            state["items"] = state["batches"] * self.hparams.batch_size * trainer.world_size
         if self.feeder is not None:
             state["reference"] = self.feeder.state_dict()
         return state
@@ -482,7 +496,8 @@ class ReferenceDistribution(L.LightningDataModule):
                 f"{self.hparams.seed}; set it to {seed} to resume the same data stream"
             )
         if "epoch" in state_dict:
-            self._resume = (state_dict["epoch"], state_dict["batches"] * self.hparams.batch_size)
+            items = state_dict.get("items", state_dict["batches"] * self.hparams.batch_size)
+            self._resume = (state_dict["epoch"], items)
             if self._train_sampler is not None:
                 self._train_sampler.resume_at(*self._resume)
         if self.feeder is not None and "reference" in state_dict:

