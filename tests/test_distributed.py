@@ -222,3 +222,12 @@ def test_generator_step_equals_single_process(tmp_path, fashion_mnist_root, dete
     assert int(single["batch_count"]) == 4
     assert_moved(tmp_path / "one", single, ("tokenizer.", "discriminator."))
     assert_close(ranks[0], single, rtol=1e-4, atol=1e-5)
+
+
+def test_ddp_without_find_unused_parameters_is_a_clear_error(tmp_path, stage_ckpts):
+    """Plain ``ddp`` cannot work with one backward per optimizer (DDP would fail at the second
+    batch with "Expected to have finished reduction"): DMVAEModule refuses it in ``setup`` and
+    names the strategy to use."""
+    with pytest.raises(Exception, match="ddp_find_unused_parameters_true"):
+        run(tmp_path, align_args(stage_ckpts), 2, 8, "ddp_fork")
+    assert not (tmp_path / "rank0.pt").exists()

@@ -33,8 +33,17 @@ Subclass and override one hook to change one part: :meth:`build_encoder`,
 hook's docstring says when it is called and what it must return; overriding one never requires
 copying another (``examples/plugin_project`` overrides only :meth:`build_encoder`).
 
-DDP note: the discriminator receives no gradient in the generator step. Until the distributed
-issue lands, run multi-device jobs with ``strategy: ddp_find_unused_parameters_true``.
+Distributed training: run DDP with ``strategy: ddp_find_unused_parameters_true`` (checked at
+``setup``: plain ``ddp`` is a clear error, not a hang). Each ``manual_backward`` reaches only the
+parameters of the optimizer being stepped (``toggled_optimizer``): the generator step leaves the
+discriminator and the fake score model without gradients, the discriminator and fake steps leave
+the tokenizer without them. DDP with ``find_unused_parameters=False`` waits for a gradient of
+every registered parameter, never all-reduces the incomplete bucket and fails at the next batch
+("Expected to have finished reduction in the prior iteration"); with ``True`` it searches each
+backward's graph and all-reduces what was reached. Frozen networks never reach DDP's parameter
+set: the real score model and a frozen encoder have ``requires_grad=False`` before DDP wraps the
+module, and fixed tables (position embeddings) are buffers. ``tests/test_distributed.py`` checks
+that 2 ranks stay bit-identical and equal one process on the doubled batch.
 """
 
 from __future__ import annotations
@@ -48,6 +57,7 @@ from typing import Any, Literal, TypedDict
 import lightning.pytorch as pl
 import torch
 import torchvision
+from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
@@ -499,6 +509,23 @@ class DMVAEModule(EMAInEvaluation, pl.LightningModule):
         return isinstance(self.matching_loss, DMDLoss) and self.hparams.matching_weight != 0
 
     # ------------------------------------------------------------------ Lightning
+    def setup(self, stage: str) -> None:
+        """Called by Lightning on every process before ``fit``; refuses DDP without
+        ``find_unused_parameters`` (see the module docstring)."""
+        trainer = self._trainer
+        if stage != "fit" or trainer is None or trainer.world_size < 2:
+            return
+        strategy = trainer.strategy
+        if isinstance(strategy, DDPStrategy) and not strategy._ddp_kwargs.get(
+            "find_unused_parameters", False
+        ):
+            raise ValueError(
+                "DMVAEModule steps 2-3 optimizers per batch and each backward reaches only one "
+                "optimizer's parameters, so DDP needs find_unused_parameters=True: set "
+                "`trainer.strategy: ddp_find_unused_parameters_true` (or "
+                "DDPStrategy(find_unused_parameters=True))."
+            )
+
     def configure_optimizers(self):
         """AdamW + linear warm-up for the generator, the discriminator and (with a DMD loss)
         the fake score model, in that order."""
