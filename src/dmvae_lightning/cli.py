@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no model hub here; must precede any timm import
 
@@ -53,12 +55,55 @@ def link_data_to_model(config) -> None:
             margs["num_classes"] = dargs["num_classes"]
 
 
+def _count_devices(devices: Any) -> int | None:
+    """Processes per node that ``trainer.devices`` asks for; None when Lightning decides
+    (``auto``, ``-1``)."""
+    if isinstance(devices, list | tuple):
+        return len(devices)
+    if isinstance(devices, str) and "," in devices:
+        return len([d for d in devices.split(",") if d.strip()])
+    try:
+        count = int(devices)
+    except (TypeError, ValueError):
+        return None
+    return count if count > 0 else None
+
+
+def check_slurm_layout(trainer: dict, environ: Mapping[str, str] = os.environ) -> None:
+    """Inside a SLURM job (``SLURM_NTASKS`` set, job not named ``bash`` / ``interactive``), raise
+    a ValueError naming both settings when ``trainer.devices`` differs from the sbatch
+    ``--ntasks-per-node`` or ``trainer.num_nodes`` from ``--nodes``: Lightning would only find out
+    after launching (or hang waiting for processes that never start)."""
+    if "SLURM_NTASKS" not in environ or environ.get("SLURM_JOB_NAME") in ("bash", "interactive"):
+        return
+    per_node = environ.get("SLURM_NTASKS_PER_NODE")
+    devices = _count_devices(trainer.get("devices", "auto"))
+    if per_node is not None and devices is not None:
+        tasks = int(per_node.split("(")[0])  # SLURM may write e.g. "4(x2)"
+        if tasks != devices:
+            raise ValueError(
+                f"SLURM starts {tasks} tasks per node (sbatch --ntasks-per-node={tasks}) but "
+                f"trainer.devices is {trainer.get('devices')!r}: one task drives one device, so "
+                f"set --trainer.devices {tasks} or change --ntasks-per-node (and --gres) in the "
+                "sbatch script."
+            )
+    nnodes = environ.get("SLURM_NNODES")
+    num_nodes = trainer.get("num_nodes") or 1
+    if nnodes is not None and int(nnodes) != int(num_nodes):
+        raise ValueError(
+            f"SLURM allocated {nnodes} nodes (sbatch --nodes={nnodes}) but trainer.num_nodes is "
+            f"{num_nodes}: set --trainer.num_nodes {nnodes} or change --nodes in the sbatch script."
+        )
+
+
 class DMVAECLI(LightningCLI):
     """LightningCLI with the checks a long-running training job wants before it starts."""
 
     def before_instantiate_classes(self) -> None:
         subcommand = self.config.get("subcommand")
-        link_data_to_model(self.config[subcommand] if subcommand else self.config)
+        config = self.config[subcommand] if subcommand else self.config
+        link_data_to_model(config)
+        check_slurm_layout(config.get("trainer") or {})
         if subcommand is None:
             return
         ckpt_path = self.config[subcommand].get("ckpt_path")

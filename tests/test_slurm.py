@@ -1,0 +1,94 @@
+"""SLURM on CPU: variables faked in the environment are picked up by the Trainer the ``dmvae``
+CLI builds (ranks, world size, main address and port), a task / device mismatch is a clear error
+before anything starts, and a requeue signal (SIGUSR1) writes an ``hpc_ckpt_*.ckpt`` that the next
+run resumes from."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from lightning.fabric.plugins.environments import SLURMEnvironment
+
+from dmvae_lightning.cli import check_slurm_layout, main
+
+REPO = Path(__file__).resolve().parents[1]
+TOKENIZER_TINY = str(REPO / "tests" / "configs" / "tokenizer_tiny.yaml")
+
+
+def fake_slurm(monkeypatch, **extra: str) -> None:
+    """Task 3 of a 2-node x 2-task job 123456 (node 1, local rank 1)."""
+    env = {
+        "SLURM_JOB_ID": "123456",
+        "SLURM_JOB_NAME": "dmvae-align",
+        "SLURM_NTASKS": "4",
+        "SLURM_NTASKS_PER_NODE": "2",
+        "SLURM_NNODES": "2",
+        "SLURM_PROCID": "3",
+        "SLURM_LOCALID": "1",
+        "SLURM_NODEID": "1",
+        "SLURM_NODELIST": "gpu-a,gpu-b",
+        **extra,
+    }
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    for key in ("MASTER_ADDR", "MASTER_PORT"):  # recorded so that the test's changes are undone
+        monkeypatch.setenv(key, "unset")
+        monkeypatch.delenv(key)
+
+
+def build(tmp_path: Path, *extra: str):
+    return main(
+        ["--config", TOKENIZER_TINY, "--trainer.default_root_dir", str(tmp_path)]
+        + ["--trainer.logger", "false", *extra],
+        run=False,
+    )
+
+
+def test_slurm_variables_are_picked_up(tmp_path, monkeypatch):
+    """devices 2 x num_nodes 2 under a faked srun task: SLURMEnvironment is chosen, with world
+    size 4, global rank 3, local rank 1, node rank 1, main address the first node of the list
+    and main port 15000 + the last 4 digits of the job id (every task derives the same one)."""
+    fake_slurm(monkeypatch)
+    cli = build(tmp_path, "--trainer.devices", "2", "--trainer.num_nodes", "2")
+    trainer = cli.trainer
+    env = trainer.strategy.cluster_environment
+    assert isinstance(env, SLURMEnvironment)
+    assert (trainer.world_size, trainer.global_rank) == (4, 3)
+    assert (trainer.local_rank, trainer.node_rank) == (1, 1)
+    assert env.main_address == "gpu-a"
+    assert env.main_port == 15000 + 3456
+
+
+def test_interactive_job_is_not_treated_as_slurm(tmp_path, monkeypatch):
+    """A job named ``bash`` (salloc + an interactive shell) is an ordinary 1-process run."""
+    fake_slurm(monkeypatch, SLURM_JOB_NAME="bash")
+    trainer = build(tmp_path, "--trainer.devices", "1").trainer
+    assert not isinstance(trainer._accelerator_connector.cluster_environment, SLURMEnvironment)
+    assert trainer.world_size == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        (["--trainer.devices", "4", "--trainer.num_nodes", "2"], r"--ntasks-per-node=2.*devices"),
+        (["--trainer.devices", "[0]", "--trainer.num_nodes", "2"], r"--ntasks-per-node=2"),
+        (["--trainer.devices", "2", "--trainer.num_nodes", "1"], r"--nodes=2.*num_nodes"),
+    ],
+)
+def test_tasks_devices_mismatch_is_a_clear_error(tmp_path, monkeypatch, args, match):
+    """trainer.devices != sbatch --ntasks-per-node (or num_nodes != --nodes) fails while the
+    CLI parses, naming both settings."""
+    fake_slurm(monkeypatch)
+    with pytest.raises(ValueError, match=match):
+        build(tmp_path, *args)
+
+
+def test_check_slurm_layout_unit():
+    """Outside SLURM nothing is checked; ``auto`` devices and SLURM's "2(x2)" form are handled."""
+    check_slurm_layout({"devices": 8}, environ={})
+    slurm = {"SLURM_NTASKS": "4", "SLURM_NTASKS_PER_NODE": "2(x2)", "SLURM_NNODES": "2"}
+    check_slurm_layout({"devices": "auto", "num_nodes": 2}, environ=slurm)
+    check_slurm_layout({"devices": "2", "num_nodes": 2}, environ=slurm)
+    with pytest.raises(ValueError, match="trainer.devices"):
+        check_slurm_layout({"devices": 3, "num_nodes": 2}, environ=slurm)
