@@ -5,9 +5,13 @@ run resumes from."""
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
+from helpers import assert_same
 from lightning.fabric.plugins.environments import SLURMEnvironment
 
 from dmvae_lightning.cli import check_slurm_layout, main
@@ -92,3 +96,74 @@ def test_check_slurm_layout_unit():
     check_slurm_layout({"devices": "2", "num_nodes": 2}, environ=slurm)
     with pytest.raises(ValueError, match="trainer.devices"):
         check_slurm_layout({"devices": 3, "num_nodes": 2}, environ=slurm)
+
+
+class RequeueAt(pl.Callback):
+    """After batch ``at`` (counted over the whole fit), deliver SIGUSR1 to this process, as SLURM
+    does ``--signal=SIGUSR1@90`` seconds before the time limit, then stop as the job would be
+    killed at the limit."""
+
+    def __init__(self, at: int) -> None:
+        self.at, self.seen = at, 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.seen += 1
+        if self.seen == self.at:
+            os.kill(os.getpid(), signal.SIGUSR1)
+            trainer.should_stop = True
+
+
+class RecordStart(pl.Callback):
+    def __init__(self) -> None:
+        self.batch_count: int | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.batch_count = int(pl_module.batch_count)
+
+
+def test_requeue_signal_writes_checkpoint_and_next_run_resumes(
+    tmp_path, monkeypatch, fashion_mnist_root
+):
+    """A 1-task SLURM job gets SIGUSR1 after 4 of its 6 batches: Lightning writes
+    ``hpc_ckpt_1.ckpt`` in default_root_dir and calls ``scontrol requeue <job id>`` (a fake
+    scontrol records it). The requeued job, the same command with no ckpt_path, resumes from that
+    checkpoint (batch counter 4), trains the 2 remaining batches and ends with exactly the weights
+    of an uninterrupted run."""
+    fake_slurm(
+        monkeypatch,
+        SLURM_NTASKS="1",
+        SLURM_NTASKS_PER_NODE="1",
+        SLURM_NNODES="1",
+        SLURM_PROCID="0",
+        SLURM_LOCALID="0",
+        SLURM_NODEID="0",
+        SLURM_NODELIST="localhost",
+    )
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path / "scontrol.log"}\n')
+    scontrol.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    args = ["--trainer.limit_val_batches", "0", "--trainer.enable_checkpointing", "false"]
+
+    def fit(root: Path, *callbacks: pl.Callback):
+        cli = build(root, *args)
+        cli.trainer.callbacks.extend(callbacks)
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        return cli.model
+
+    reference = fit(tmp_path / "full")
+    assert int(reference.batch_count) == 6
+
+    root = tmp_path / "job"
+    first = fit(root, RequeueAt(4))
+    assert int(first.batch_count) == 4
+    assert (root / "hpc_ckpt_1.ckpt").is_file()
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "123456"]
+
+    start = RecordStart()
+    resumed = fit(root, start)
+    assert start.batch_count == 4
+    assert int(resumed.batch_count) == 6
+    assert_same(reference.state_dict(), resumed.state_dict())
