@@ -167,3 +167,48 @@ def test_requeue_signal_writes_checkpoint_and_next_run_resumes(
     assert start.batch_count == 4
     assert int(resumed.batch_count) == 6
     assert_same(reference.state_dict(), resumed.state_dict())
+
+
+@pytest.mark.parametrize("stage", ["tokenizer", "diffusion", "align", "finetune"])
+def test_sbatch_templates(tmp_path, stage):
+    """Every template asks for auto-requeue (--signal=SIGUSR1@90, --requeue) and launches with
+    srun; run by bash under a faked 2-node x 8-task allocation (srun replaced by echo) it passes
+    num_nodes 2, devices 8, a fixed default_root_dir and no ckpt_path, and with SCALE_LR=1 the
+    config's learning rates times global batch (2 x 8 x per-device batch) / 256."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    template = REPO / "scripts" / "slurm" / f"{stage}.sbatch"
+    text = template.read_text()
+    assert "#SBATCH --signal=SIGUSR1@90" in text and "#SBATCH --requeue" in text
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/bin/sh\necho "$@"\n')
+    (bin_dir / "srun").chmod(0o755)
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "PYTHON": sys.executable,
+        "SLURM_SUBMIT_DIR": str(REPO),
+        "SLURM_NNODES": "2",
+        "SLURM_NTASKS_PER_NODE": "8(x2)",
+        "SCALE_LR": "1",
+        "ROOT": str(tmp_path / "root"),
+    }
+    out = subprocess.run(
+        ["bash", str(template)], env=env, cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.splitlines()[-1]
+    argv = out.split()
+    options = dict(zip(argv[4::2], argv[5::2], strict=False))
+    assert argv[:4] == [sys.executable, "-m", "dmvae_lightning.cli", "fit"]
+    assert options["--trainer.num_nodes"] == "2" and options["--trainer.devices"] == "8"
+    assert options["--trainer.default_root_dir"] == str(tmp_path / "root")
+    assert "--ckpt_path" not in options
+    config = yaml.safe_load((REPO / "configs" / "imagenet" / f"{stage}.yaml").read_text())
+    model, batch = config["model"]["init_args"], config["data"]["init_args"]["batch_size"]
+    for name in ("lr", "fake_lr", "disc_lr"):
+        if model.get(name) is not None:
+            expected = float(model[name]) * 2 * 8 * batch / 256
+            assert float(options[f"--model.init_args.{name}"]) == pytest.approx(expected)
