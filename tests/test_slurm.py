@@ -13,6 +13,9 @@ import lightning.pytorch as pl
 import pytest
 from helpers import assert_same
 from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.fabric.utilities.rank_zero import rank_zero_only as fabric_rank_zero_only
+from lightning.pytorch.utilities.rank_zero import rank_zero_only as pl_rank_zero_only
+from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 
 from dmvae_lightning.cli import check_slurm_layout, main
 
@@ -39,6 +42,9 @@ def fake_slurm(monkeypatch, **extra: str) -> None:
     for key in ("MASTER_ADDR", "MASTER_PORT"):  # recorded so that the test's changes are undone
         monkeypatch.setenv(key, "unset")
         monkeypatch.delenv(key)
+    # a Trainer of task 3 sets the process-wide rank used by rank_zero_only (loggers, prints)
+    for holder in (fabric_rank_zero_only, pl_rank_zero_only, utils_rank_zero_only):
+        monkeypatch.setattr(holder, "rank", getattr(holder, "rank", 0))
 
 
 def build(tmp_path: Path, *extra: str):
