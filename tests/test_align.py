@@ -210,3 +210,19 @@ def test_alignment_checkpoint_loads_as_a_tokenizer(tmp_path, stage_ckpts):
     with torch.no_grad(), cli.model.ema_scope():
         expected = cli.model.eval().encode(x)
     torch.testing.assert_close(tok.encode(x), expected)
+
+
+def test_step_logs_reach_tensorboard_on_the_written_batches(tmp_path, stage_ckpts):
+    """log_every_n_steps 3 = vae_every: the module skips self.log on batches Lightning would not
+    write, and the written ones (batches 2 and 5) carry both the VAE and the fake-model losses."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cli = build(tmp_path, stage_ckpts, "--trainer.log_every_n_steps", "3")
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    events = sorted((tmp_path / "lightning_logs").rglob("events.out.tfevents*"))
+    acc = EventAccumulator(str(events[-1].parent))
+    acc.Reload()
+    g_loss = acc.Scalars("train/g_loss")
+    fake = acc.Scalars("train/fake_loss")
+    assert len(g_loss) == 2 and len(fake) == 2
+    assert all(e.value > 0 for e in g_loss + fake)
