@@ -19,24 +19,6 @@ CONFIGS = REPO / "tests" / "configs"
 ALIGN_TINY = str(CONFIGS / "align_tiny.yaml")
 
 
-@pytest.fixture(scope="module")
-def stage_ckpts(tmp_path_factory, fashion_mnist_root) -> dict[str, str]:
-    """Stage-1 tokenizer (latents 4 x 16 x 16) and stage-2 reference model checkpoints."""
-    root = tmp_path_factory.mktemp("stages")
-    common = ["--trainer.max_epochs", "1", "--trainer.logger", "false"]
-    main(
-        ["fit", "--config", str(CONFIGS / "tokenizer_tiny.yaml")]
-        + ["--trainer.default_root_dir", str(root / "tok"), *common]
-    )
-    tokenizer = str(checkpoints(root / "tok")[-1])
-    main(
-        ["fit", "--config", str(CONFIGS / "diffusion_tiny.yaml")]
-        + ["--trainer.default_root_dir", str(root / "ref"), *common]
-        + ["--model.init_args.tokenizer_ckpt", tokenizer]
-    )
-    return {"tokenizer": tokenizer, "reference": str(checkpoints(root / "ref")[-1])}
-
-
 def align_args(root: Path, ckpts: dict[str, str], *extra: str) -> list[str]:
     return [
         "--config",

@@ -15,7 +15,6 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import checkpoints
 
 from dmvae_lightning import flow
 from dmvae_lightning.cli import main
@@ -42,24 +41,6 @@ class SaveRankState(pl.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._save(trainer, pl_module, "rank")
-
-
-@pytest.fixture(scope="module")
-def stage_ckpts(tmp_path_factory, fashion_mnist_root) -> dict[str, str]:
-    """Stage-1 tokenizer and stage-2 reference model checkpoints (as in test_align.py)."""
-    root = tmp_path_factory.mktemp("stages")
-    common = ["--trainer.max_epochs", "1", "--trainer.logger", "false"]
-    main(
-        ["fit", "--config", str(CONFIGS / "tokenizer_tiny.yaml")]
-        + ["--trainer.default_root_dir", str(root / "tok"), *common]
-    )
-    tokenizer = str(checkpoints(root / "tok")[-1])
-    main(
-        ["fit", "--config", str(CONFIGS / "diffusion_tiny.yaml")]
-        + ["--trainer.default_root_dir", str(root / "ref"), *common]
-        + ["--model.init_args.tokenizer_ckpt", tokenizer]
-    )
-    return {"tokenizer": tokenizer, "reference": str(checkpoints(root / "ref")[-1])}
 
 
 def align_args(ckpts: dict[str, str], *extra: str) -> list[str]:

@@ -22,7 +22,7 @@ import argparse
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -81,7 +81,7 @@ class Variant:
     name: str
     tokenizer: str
     generator: str
-    key: str = field(default="")
+    key: str  # file-name tag of the sample grid
 
 
 VARIANTS = (
@@ -142,12 +142,6 @@ def _chunks(fn, x: torch.Tensor, size: int = 500) -> torch.Tensor:
         return torch.cat([fn(part) for part in x.split(size)])
 
 
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Mean per-image PSNR (dB) of images in [-1, 1], measured on [0, 1]."""
-    mse = (((a.clamp(-1, 1) - b.clamp(-1, 1)) / 2) ** 2).flatten(1).mean(1)
-    return float((10 * torch.log10(1.0 / mse.clamp_min(1e-12))).mean())
-
-
 def latent_distances(z: torch.Tensor, ref: torch.Tensor, seed: int = 0) -> dict[str, float]:
     """MMD^2 (RBF, unbiased) and sliced W2^2 between latent sets (N, C, h, w)."""
     from dmvae_lightning.losses.matching import MMDLoss, SlicedWassersteinLoss
@@ -163,6 +157,7 @@ def evaluate(root: Path, out_dir: Path, n: int = 2000, seed: int = 0) -> list[di
     """The results table's rows (see the module docstring) and PNG grids under ``out_dir``."""
     from dmvae_lightning.latents import load_frozen_tokenizer
     from dmvae_lightning.metrics import DomainFeatures, frechet_distance
+    from dmvae_lightning.metrics.evaluate import psnr
     from dmvae_lightning.modules.diffusion import LatentDiffusionModule
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -183,7 +178,7 @@ def evaluate(root: Path, out_dir: Path, n: int = 2000, seed: int = 0) -> list[di
         z = _chunks(tok.encode, test_x)
         rec = _chunks(lambda latents, t=tok: t.decode(latents).clamp(-1, 1), z)
         rec_rows.append(rec[:16])
-        row = {"psnr": psnr(rec, test_x), "rfid": frechet_distance(features.stats(rec), real)}
+        row = {"psnr": psnr(test_x, rec), "rfid": frechet_distance(features.stats(rec), real)}
         row.update(latent_distances((z - mean) * scale, ref_z, seed))
 
         gen = LatentDiffusionModule.load_from_checkpoint(

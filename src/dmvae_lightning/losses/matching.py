@@ -43,7 +43,6 @@ sample-set losses (MMD, SWD, KL, alignment) compute in fp32 with autocast disabl
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import copy
 import os
 import warnings
@@ -198,6 +197,7 @@ class _MatchingMetric(Metric):
 # ---------------------------------------------------------------------------------- DMD
 def _load_reference_model(path: str | os.PathLike) -> tuple[nn.Module, float, float]:
     """(DiT with EMA weights, latent_mean, latent_scale) of a LatentDiffusionModule checkpoint."""
+    from dmvae_lightning.modules.common import load_checkpoint_module
     from dmvae_lightning.modules.diffusion import LatentDiffusionModule
 
     file = Path(path)
@@ -207,26 +207,14 @@ def _load_reference_model(path: str | os.PathLike) -> tuple[nn.Module, float, fl
             "the reference model first (a LatentDiffusionModule on reference samples) or fix "
             "the path."
         )
-
-    def build() -> LatentDiffusionModule:
-        return LatentDiffusionModule.load_from_checkpoint(
-            file,
-            map_location="cpu",
-            weights_only=True,
-            tokenizer_ckpt=None,
-            encode_images=False,
-            compile=False,
-        )
-
-    try:
-        # LightningCLI builds the outer model inside a context variable that hands ITS arguments
-        # to every save_hyperparameters() call; an empty context lets this one record its own.
-        module = contextvars.Context().run(build)
-    except (KeyError, RuntimeError, TypeError) as err:
-        raise ValueError(
-            f"DMDLoss.real_model: {str(file)!r} is not a loadable LatentDiffusionModule "
-            f"checkpoint: {err}"
-        ) from err
+    module = load_checkpoint_module(
+        LatentDiffusionModule,
+        file,
+        "DMDLoss.real_model",
+        tokenizer_ckpt=None,
+        encode_images=False,
+        compile=False,
+    )
     if not bool(module.stats_ready):
         warnings.warn(
             f"DMDLoss.real_model: {str(file)!r} holds no measured latent statistics; "

@@ -74,6 +74,15 @@ def evaluate_samples(
 
 
 @torch.no_grad()
+def psnr(images: torch.Tensor, reconstructions: torch.Tensor) -> float:
+    """Mean per-image PSNR (dB) of (N, C, H, W) images in [-1, 1] (clamped), measured on [0, 1]."""
+    x = (images.float().clamp(-1, 1) + 1) / 2
+    y = (reconstructions.float().clamp(-1, 1) + 1) / 2
+    mse = F.mse_loss(y, x, reduction="none").flatten(1).mean(1).clamp_min(1e-12)
+    return float((10 * torch.log10(1.0 / mse)).mean())
+
+
+@torch.no_grad()
 def reconstruction_metrics(
     images: torch.Tensor, reconstructions: torch.Tensor, lpips: torch.nn.Module | None = None
 ) -> dict[str, float]:
@@ -84,9 +93,8 @@ def reconstruction_metrics(
 
     x = (images.float().clamp(-1, 1) + 1) / 2
     y = (reconstructions.float().clamp(-1, 1) + 1) / 2
-    mse = F.mse_loss(y, x, reduction="none").flatten(1).mean(1).clamp_min(1e-12)
     out = {
-        "psnr": float((10 * torch.log10(1.0 / mse)).mean()),
+        "psnr": psnr(images, reconstructions),
         "ssim": float(structural_similarity_index_measure(y, x, data_range=1.0)),
     }
     if lpips is not None:

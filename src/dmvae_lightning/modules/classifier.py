@@ -14,7 +14,6 @@ Batches are dicts ``{"image": (B, C, H, W) in [-1, 1], "label": (B,) int64}`` fr
 
 from __future__ import annotations
 
-import contextvars
 from pathlib import Path
 from typing import Literal
 
@@ -23,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
-from dmvae_lightning.modules.common import linear_warmup
+from dmvae_lightning.modules.common import linear_warmup, load_checkpoint_module
 from dmvae_lightning.nets.classifier import ConvClassifier
 
 __all__ = ["ClassifierModule", "load_classifier"]
@@ -106,16 +105,4 @@ def load_classifier(path: str | Path, option: str = "weights_path") -> ConvClass
             f"{option}: classifier checkpoint {str(file)!r} does not exist; train it with "
             "`dmvae fit --config configs/fashion_mnist/classifier.yaml` or fix the path."
         )
-
-    def build() -> ClassifierModule:
-        return ClassifierModule.load_from_checkpoint(file, map_location="cpu", weights_only=True)
-
-    try:
-        # An empty context: LightningCLI's context variable would hand the outer model's
-        # arguments to this module's save_hyperparameters().
-        module = contextvars.Context().run(build)
-    except (KeyError, RuntimeError, TypeError) as err:
-        raise ValueError(
-            f"{option}: {str(file)!r} is not a loadable ClassifierModule checkpoint: {err}"
-        ) from err
-    return module.net.eval()
+    return load_checkpoint_module(ClassifierModule, file, option).net.eval()
