@@ -4,8 +4,11 @@ equal a single-process run on the same global batch; SLURM variables are picked 
 between tasks and devices is a clear error; a requeue signal writes a checkpoint that the next run
 resumes from.
 
-The 2-process runs use ``ddp_fork`` (the DDPStrategy with ``start_method="fork"``, gloo on CPU):
-forked workers inherit this test's patches, and no trainer has to be pickled.
+The 2-process runs use ``ddp_explicit_fork`` (:class:`~dmvae_lightning.distributed.ExplicitDDPStrategy`,
+the strategy DMVAEModule is meant for: no DDP wrapper, explicit gradient averaging) and, for
+comparison, Lightning's DDP wrapper with ``find_unused_parameters=True``, both with
+``start_method="fork"`` (gloo on CPU): forked workers inherit this test's patches, and no trainer
+has to be pickled.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ class SaveRankState(pl.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._save(trainer, pl_module, "rank")
+        stats = getattr(trainer.strategy, "comm_stats", None)
+        torch.save(stats, self.folder / f"comm{trainer.global_rank}.pt")
 
 
 def align_args(ckpts: dict[str, str], *extra: str) -> list[str]:
@@ -111,7 +116,8 @@ def assert_equal(a: dict, b: dict) -> None:
     assert not bad, f"ranks differ at {bad[:5]} (+{max(0, len(bad) - 5)})"
 
 
-DDP = "ddp_fork_find_unused_parameters_true"
+DDP = "ddp_explicit_fork"
+DDP_WRAPPER = "ddp_fork_find_unused_parameters_true"
 
 
 @pytest.fixture
@@ -160,21 +166,35 @@ LINEAR = [
 def test_align_step_ranks_identical_with_random_draws(tmp_path, stage_ckpts):
     """Stage 3 with everything random (DiffAug, bCR, DMD t / noise seeded per rank, GAN from
     batch 0): after 4 batches (2 VAE steps, 4 fake-model steps) every weight, buffer, EMA and
-    counter is bit-identical on the two ranks, and the VAE, discriminator and fake model moved."""
+    counter is bit-identical on the two ranks. Each backward all-reduced only its own optimizer's
+    gradients: the fake model's on all 4 batches, the tokenizer's and the discriminator's on the
+    2 VAE batches (8 backwards; a DDP wrapper would send all three networks each time)."""
     ranks = run(tmp_path, align_args(stage_ckpts), 2, 8, DDP)
     assert_equal(ranks[0], ranks[1])
     assert int(ranks[0]["batch_count"]) == 4
     assert int(ranks[0]["matching_loss.num_steps"]) == 2
 
+    def numel(prefix: str) -> int:
+        return sum(v.numel() for k, v in ranks[0].items() if k.startswith(prefix))
 
-def test_align_step_equals_single_process(tmp_path, stage_ckpts, deterministic_draws):
+    fake, disc = numel("matching_loss.fake."), numel("discriminator.")
+    tokenizer = numel("tokenizer.")
+    assert fake > 0 and disc > 0 and tokenizer > 0
+    for r in range(2):
+        comm = torch.load(tmp_path / f"comm{r}.pt")
+        assert comm == {"backwards": 8, "elements": 4 * fake + 2 * (tokenizer + disc)}, comm
+
+
+@pytest.mark.parametrize("strategy", [DDP, DDP_WRAPPER])
+def test_align_step_equals_single_process(tmp_path, stage_ckpts, deterministic_draws, strategy):
     """2 ranks x 8 images == 1 process x 16 images, batch for batch (the distributed sampler
     splits each global batch of the shared shuffle between the ranks): generator (with GAN and
-    DMD), discriminator and fake model end within float tolerance of the single-process run."""
+    DMD), discriminator and fake model end within float tolerance of the single-process run,
+    with the explicit gradient sync and with the DDP wrapper."""
     args = align_args(
         stage_ckpts, *LINEAR, "--model.init_args.matching_loss.init_args.fake_label_dropout", "0"
     )
-    ranks = run(tmp_path / "ddp", args, 2, 8, DDP)
+    ranks = run(tmp_path / "ddp", args, 2, 8, strategy)
     (single,) = run(tmp_path / "one", args, 1, 16, "auto")
     assert_equal(ranks[0], ranks[1])
     assert_moved(tmp_path / "one", single, ("tokenizer.", "discriminator.", "matching_loss.fake."))
@@ -205,10 +225,34 @@ def test_generator_step_equals_single_process(tmp_path, fashion_mnist_root, dete
     assert_close(ranks[0], single, rtol=1e-4, atol=1e-5)
 
 
+def test_batchnorm_discriminator_statistics_follow_rank_0(tmp_path, fashion_mnist_root):
+    """Stage 1 with a BatchNorm discriminator: each rank normalises its own batch, and the
+    running statistics, which differ per rank after every step, are broadcast from rank 0, so
+    all weights and buffers end bit-identical; the statistics did move."""
+    args = [
+        "--config",
+        str(CONFIGS / "tokenizer_tiny.yaml"),
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.limit_train_batches",
+        "3",
+        "--trainer.limit_val_batches",
+        "0",
+        "--model.init_args.disc_start",
+        "1",
+        "--model.init_args.discriminator.norm",
+        "batch",
+    ]
+    ranks = run(tmp_path, args, 2, 8, DDP)
+    assert_equal(ranks[0], ranks[1])
+    counts = [k for k in ranks[0] if k.endswith("num_batches_tracked")]
+    assert counts and all(int(ranks[0][k]) > 0 for k in counts)
+
+
 def test_ddp_without_find_unused_parameters_is_a_clear_error(tmp_path, stage_ckpts):
-    """Plain ``ddp`` cannot work with one backward per optimizer (DDP would fail at the second
-    batch with "Expected to have finished reduction"): DMVAEModule refuses it in ``setup`` and
-    names the strategy to use."""
-    with pytest.raises(Exception, match="ddp_find_unused_parameters_true"):
+    """A plain DDP wrapper cannot work with one backward per optimizer (it would fail at the
+    second batch with "Expected to have finished reduction"): DMVAEModule refuses it in
+    ``setup`` and names the strategy to use."""
+    with pytest.raises(Exception, match="ddp_explicit"):
         run(tmp_path, align_args(stage_ckpts), 2, 8, "ddp_fork")
     assert not (tmp_path / "rank0.pt").exists()

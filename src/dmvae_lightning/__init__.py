@@ -27,6 +27,9 @@ from dmvae_lightning.data import (
     TimmFeatureSource,
     build_source,
 )
+
+# importing distributed registers `trainer.strategy: ddp_explicit`
+from dmvae_lightning.distributed import ExplicitDDPStrategy
 from dmvae_lightning.ema import EMA
 from dmvae_lightning.latents import LatentCache, load_frozen_tokenizer
 from dmvae_lightning.losses import (
@@ -112,6 +115,8 @@ __all__ = [
     "PatchDiscriminator",
     "TimmEncoder",
     "Tokenizer",
+    # distributed training
+    "ExplicitDDPStrategy",
     # metrics and EMA
     "EMA",
     "DomainFeatures",

@@ -33,17 +33,20 @@ Subclass and override one hook to change one part: :meth:`build_encoder`,
 hook's docstring says when it is called and what it must return; overriding one never requires
 copying another (``examples/plugin_project`` overrides only :meth:`build_encoder`).
 
-Distributed training: run DDP with ``strategy: ddp_find_unused_parameters_true`` (checked at
-``setup``: plain ``ddp`` is a clear error, not a hang). Each ``manual_backward`` reaches only the
-parameters of the optimizer being stepped (``toggled_optimizer``): the generator step leaves the
-discriminator and the fake score model without gradients, the discriminator and fake steps leave
-the tokenizer without them. DDP with ``find_unused_parameters=False`` waits for a gradient of
-every registered parameter, never all-reduces the incomplete bucket and fails at the next batch
-("Expected to have finished reduction in the prior iteration"); with ``True`` it searches each
-backward's graph and all-reduces what was reached. Frozen networks never reach DDP's parameter
-set: the real score model and a frozen encoder have ``requires_grad=False`` before DDP wraps the
-module, and fixed tables (position embeddings) are buffers. ``tests/test_distributed.py`` checks
-that 2 ranks stay bit-identical and equal one process on the doubled batch.
+Distributed training: run ``strategy: ddp_explicit``
+(:class:`~dmvae_lightning.distributed.ExplicitDDPStrategy`). Each ``manual_backward`` runs inside
+the optimizer's ``toggled_optimizer``, so it reaches only that optimizer's parameters: the
+generator step leaves the discriminator and the fake score model without gradients, the
+discriminator and fake steps leave the tokenizer without them. The explicit strategy averages
+exactly those gradients after each backward; no DDP wrapper, hence no unused parameter, ever
+sees the module. Frozen networks (the real score model, a frozen encoder) have
+``requires_grad=False`` and are never communicated; EMA averages, counters and fixed tables are
+equal on all ranks by construction and are not broadcast. A plain ``ddp`` wrapper cannot work
+(with ``find_unused_parameters=False`` it waits for the gradients of the other optimizers and
+fails at the next batch) and is refused at ``setup`` with this hint;
+``ddp_find_unused_parameters_true`` works too, but all-reduces the whole module at each of the
+2-3 backwards. ``tests/test_distributed.py`` checks that 2 ranks stay bit-identical and equal one
+process on the doubled batch, under both strategies.
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ from torch import nn
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
+from dmvae_lightning.distributed import ExplicitDDPStrategy
 from dmvae_lightning.ema import EMA
 from dmvae_lightning.losses.adversarial import AdversarialLoss
 from dmvae_lightning.losses.matching import DMDLoss, GaussianKLLoss
@@ -510,20 +514,23 @@ class DMVAEModule(EMAInEvaluation, pl.LightningModule):
 
     # ------------------------------------------------------------------ Lightning
     def setup(self, stage: str) -> None:
-        """Called by Lightning on every process before ``fit``; refuses DDP without
+        """Called by Lightning on every process before ``fit``; refuses a DDP wrapper without
         ``find_unused_parameters`` (see the module docstring)."""
         trainer = self._trainer
         if stage != "fit" or trainer is None or trainer.world_size < 2:
             return
         strategy = trainer.strategy
-        if isinstance(strategy, DDPStrategy) and not strategy._ddp_kwargs.get(
-            "find_unused_parameters", False
+        if (
+            isinstance(strategy, DDPStrategy)
+            and not isinstance(strategy, ExplicitDDPStrategy)
+            and not strategy._ddp_kwargs.get("find_unused_parameters", False)
         ):
             raise ValueError(
                 "DMVAEModule steps 2-3 optimizers per batch and each backward reaches only one "
-                "optimizer's parameters, so DDP needs find_unused_parameters=True: set "
-                "`trainer.strategy: ddp_find_unused_parameters_true` (or "
-                "DDPStrategy(find_unused_parameters=True))."
+                "optimizer's parameters, which a DDP wrapper without find_unused_parameters "
+                "cannot all-reduce: set `trainer.strategy: ddp_explicit` (explicit gradient "
+                "sync, dmvae_lightning.distributed.ExplicitDDPStrategy) or "
+                "`ddp_find_unused_parameters_true`."
             )
 
     def configure_optimizers(self):
