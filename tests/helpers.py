@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -63,3 +65,16 @@ def run_notebook(path: Path) -> dict:
     finally:
         plt.show = original_show
     return namespace
+
+
+@contextmanager
+def forkable_threads() -> Iterator[None]:
+    """One intra-op thread while forked workers run, restored after: a child forked after the
+    parent ran multi-threaded OpenMP regions inherits a thread pool without its threads and
+    hangs in its first parallel region (GNU OpenMP). With one thread no region uses the pool."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -18,6 +18,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from helpers import forkable_threads
 
 from dmvae_lightning import flow
 from dmvae_lightning.cli import main
@@ -85,7 +86,8 @@ def run(root: Path, args: list[str], devices: int, batch_size: int, strategy: st
         run=False,
     )
     cli.trainer.callbacks.append(SaveRankState(root))
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    with forkable_threads():
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     return [torch.load(root / f"rank{r}.pt") for r in range(devices)]
 
 

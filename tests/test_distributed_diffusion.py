@@ -14,6 +14,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from helpers import forkable_threads
 from test_distributed import SaveRankState, assert_close, assert_equal, assert_moved
 
 from dmvae_lightning import flow
@@ -120,7 +121,8 @@ def fit(root: Path, model, data, devices: int) -> list[dict]:
         default_root_dir=str(root),
         callbacks=[SaveMeasuredStats(root)],
     )
-    trainer.fit(model, datamodule=data)
+    with forkable_threads():
+        trainer.fit(model, datamodule=data)
     return [torch.load(root / f"rank{r}.pt") for r in range(devices)]
 
 

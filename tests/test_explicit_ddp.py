@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import forkable_threads
 from lightning.pytorch.strategies import StrategyRegistry
 from torch import nn
 
@@ -43,9 +44,10 @@ def _worker(rank: int, world: int, port: int, fn, out: Path) -> None:
 
 def run_ranks(fn, tmp_path: Path, world: int = 2) -> list:
     """``fn(rank, world)`` in ``world`` forked processes of one gloo group; their results."""
-    mp.start_processes(
-        _worker, args=(world, _free_port(), fn, tmp_path), nprocs=world, start_method="fork"
-    )
+    with forkable_threads():
+        mp.start_processes(
+            _worker, args=(world, _free_port(), fn, tmp_path), nprocs=world, start_method="fork"
+        )
     return [torch.load(tmp_path / f"out{r}.pt") for r in range(world)]
 
 
@@ -161,7 +163,8 @@ def _fit(folder: Path, devices: int, batch_size: int, strategy, accumulate: int)
         use_distributed_sampler=False,
         callbacks=[SaveFinal(folder)],
     )
-    trainer.fit(Regression(), datamodule=RegressionData(batch_size))
+    with forkable_threads():
+        trainer.fit(Regression(), datamodule=RegressionData(batch_size))
     return [torch.load(folder / f"final{r}.pt") for r in range(devices)]
 
 
