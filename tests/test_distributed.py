@@ -67,8 +67,11 @@ def align_args(ckpts: dict[str, str], *extra: str) -> list[str]:
     ]
 
 
-def run(root: Path, args: list[str], devices: int, batch_size: int, strategy: str) -> list[dict]:
-    """Fit with ``devices`` processes and per-rank ``batch_size``; every rank's final state."""
+def run(
+    root: Path, args: list[str], devices: int, batch_size: int, strategy: str, *callbacks
+) -> list[dict]:
+    """Fit with ``devices`` processes and per-rank ``batch_size`` (and extra ``callbacks``);
+    every rank's final state."""
     root.mkdir(parents=True, exist_ok=True)
     cli = main(
         [
@@ -85,7 +88,7 @@ def run(root: Path, args: list[str], devices: int, batch_size: int, strategy: st
         ],
         run=False,
     )
-    cli.trainer.callbacks.append(SaveRankState(root))
+    cli.trainer.callbacks.extend([SaveRankState(root), *callbacks])
     with forkable_threads():
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     return [torch.load(root / f"rank{r}.pt") for r in range(devices)]
@@ -165,13 +168,38 @@ LINEAR = [
 ]
 
 
+class RecordDraws(pl.Callback):
+    """Records the DMD timesteps and noise each rank draws (through a wrapped ``DMDLoss._draw``)
+    and writes them to ``<folder>/draws<R>.pt`` at the end of training."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        loss = pl_module.matching_loss
+        original, self.draws = loss._draw, []
+
+        def draw(*args, **kwargs):
+            t, eps, lo, hi = original(*args, **kwargs)
+            self.draws.append((t.detach().cpu().clone(), eps.detach().cpu().clone()))
+            return t, eps, lo, hi
+
+        loss._draw = draw
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        del pl_module.matching_loss._draw
+        torch.save(self.draws, self.folder / f"draws{trainer.global_rank}.pt")
+
+
 def test_align_step_ranks_identical_with_random_draws(tmp_path, stage_ckpts):
     """Stage 3 with everything random (DiffAug, bCR, DMD t / noise seeded per rank, GAN from
     batch 0): after 4 batches (2 VAE steps, 4 fake-model steps) every weight, buffer, EMA and
     counter is bit-identical on the two ranks. Each backward all-reduced only its own optimizer's
     gradients: the fake model's on all 4 batches, the tokenizer's and the discriminator's on the
-    2 VAE batches (8 backwards; a DDP wrapper would send all three networks each time)."""
-    ranks = run(tmp_path, align_args(stage_ckpts), 2, 8, DDP)
+    2 VAE batches (8 backwards; a DDP wrapper would send all three networks each time). The
+    per-rank random streams are distinct: the two ranks drew different DMD timesteps and noise
+    (the same draws on both ranks would correlate the halves of the global batch)."""
+    ranks = run(tmp_path, align_args(stage_ckpts), 2, 8, DDP, RecordDraws(tmp_path))
     assert_equal(ranks[0], ranks[1])
     assert int(ranks[0]["batch_count"]) == 4
     assert int(ranks[0]["matching_loss.num_steps"]) == 2
@@ -185,6 +213,12 @@ def test_align_step_ranks_identical_with_random_draws(tmp_path, stage_ckpts):
     for r in range(2):
         comm = torch.load(tmp_path / f"comm{r}.pt")
         assert comm == {"backwards": 8, "elements": 4 * fake + 2 * (tokenizer + disc)}, comm
+
+    draws = [torch.load(tmp_path / f"draws{r}.pt") for r in range(2)]
+    assert len(draws[0]) == len(draws[1]) == 2  # one DMD evaluation per VAE step
+    for (t0, eps0), (t1, eps1) in zip(*draws, strict=True):
+        assert t0.shape == t1.shape == (8,)
+        assert not torch.allclose(t0, t1) and not torch.allclose(eps0, eps1)
 
 
 @pytest.mark.parametrize("strategy", [DDP, DDP_WRAPPER])
@@ -249,6 +283,56 @@ def test_batchnorm_discriminator_statistics_follow_rank_0(tmp_path, fashion_mnis
     assert_equal(ranks[0], ranks[1])
     counts = [k for k in ranks[0] if k.endswith("num_batches_tracked")]
     assert counts and all(int(ranks[0][k]) > 0 for k in counts)
+
+
+class SaveValidationMetrics(pl.Callback):
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        torch.save(metrics, self.folder / f"val{trainer.global_rank}.pt")
+
+
+def validate(root: Path, devices: int, val_batch_size: int) -> list[dict]:
+    """``validate`` the (seeded, untrained) stage-1 tokenizer on the 32 validation images with
+    ``devices`` processes; every rank's logged metrics."""
+    root.mkdir(parents=True, exist_ok=True)
+    cli = main(
+        [
+            "--config",
+            str(CONFIGS / "tokenizer_tiny.yaml"),
+            *QUIET,
+            "--trainer.default_root_dir",
+            str(root),
+            "--trainer.devices",
+            str(devices),
+            "--trainer.strategy",
+            DDP if devices > 1 else "auto",
+            "--data.init_args.val_batch_size",
+            str(val_batch_size),
+        ],
+        run=False,
+    )
+    cli.trainer.callbacks.append(SaveValidationMetrics(root))
+    with forkable_threads():
+        cli.trainer.validate(cli.model, datamodule=cli.datamodule)
+    return [torch.load(root / f"val{r}.pt") for r in range(devices)]
+
+
+def test_validation_metrics_are_synced_over_ranks(tmp_path, fashion_mnist_root):
+    """PSNR, SSIM (torchmetrics states summed over ranks) and the reconstruction loss
+    (``sync_dist``) of 2 ranks x 16 validation images equal one process on all 32, on every
+    rank; a rank's own half alone gives a different value."""
+    ranks = validate(tmp_path / "ddp", 2, 8)
+    (single,) = validate(tmp_path / "one", 1, 16)
+    keys = ("val/psnr", "val/ssim", "val/rec_loss")
+    for metrics in ranks:
+        for k in keys:
+            assert abs(metrics[k] - single[k]) <= 1e-5 * abs(single[k]), (k, metrics, single)
+    (half,) = validate(tmp_path / "half", 1, 8)  # first 16 images only (2 batches of 8)
+    # limit_val_batches 2 of the config: one process with batch 8 sees images 0-15 only
+    assert abs(half["val/psnr"] - single["val/psnr"]) > 1e-3
 
 
 def test_ddp_without_find_unused_parameters_is_a_clear_error(tmp_path, stage_ckpts):
