@@ -60,7 +60,8 @@ class RecordRank(pl.Callback):
     """Writes to ``folder``, per rank R: ``start<R>.pt`` / ``rank<R>.pt`` (full state at the start
     and the end of training), ``layout<R>.pt`` (for every DiT parameter and EMA buffer: DTensor?,
     placements, local and global shape; the data-parallel size) and ``probe<R>.pt``
-    (:func:`probe` at the end; whether FIDMonitor refuses the module), and ``predict<R>.pt`` (the first prediction batch's output).
+    (:func:`probe` at the end; whether a second ``configure_model`` left the DiT and EMA
+    tensors alone; whether FIDMonitor refuses the module), and ``predict<R>.pt`` (the first prediction batch's output).
     With ``perturb_rank1``, rank 1 adds noise to its DiT and EMA in
     ``setup``, i.e. before ``configure_model``."""
 
@@ -97,6 +98,12 @@ class RecordRank(pl.Callback):
             }
         mesh = pl_module.device_mesh
         layout["data_parallel_size"] = mesh["data_parallel"].size() if mesh is not None else 1
+        tensors_before = [*pl_module.dit.parameters(), *pl_module.ema.buffers()]
+        pl_module.configure_model()  # as Lightning may call it again: must change nothing
+        tensors_after = [*pl_module.dit.parameters(), *pl_module.ema.buffers()]
+        layout["configure_model_again_no_op"] = all(
+            a is b for a, b in zip(tensors_before, tensors_after, strict=True)
+        )
         try:  # FIDMonitor samples on rank 0 alone: it must refuse a sharded DiT, not hang
             FIDMonitor(extractor="inception").on_fit_start(trainer, pl_module)
             layout["fid_monitor_refused"] = False
@@ -177,6 +184,7 @@ def test_fsdp2_equals_single_process_and_shards_the_dit(tmp_path):
         layout = torch.load(tmp_path / "fsdp" / f"layout{rank}.pt")
         assert layout.pop("data_parallel_size") == 2
         assert layout.pop("fid_monitor_refused")
+        assert layout.pop("configure_model_again_no_op")
         assert layout, "no DiT parameters recorded"
         for name, info in layout.items():
             assert info["dtensor"] and info["placements"] == (Shard(0),), name
