@@ -6,7 +6,8 @@
 #   SCALE_LR=1   scale lr (and fake_lr, disc_lr when set) by global batch / REF_BATCH (linear rule)
 #   REF_BATCH    the global batch the config's learning rates are meant for (default 256)
 #   BATCH        per-device batch (default: data.init_args.batch_size of CONFIG)
-#   STRATEGY     trainer.strategy override (e.g. fsdp for the DiT; default: the config's)
+#   STRATEGY     trainer.strategy override (default: the config's); STRATEGY=fsdp2 shards the DiT
+#                (diffusion stage only; see dmvae_lightning/strategies.py)
 #   PYTHON       the interpreter (default python); any further arguments of the template are
 #                passed to `dmvae fit` (e.g. --trainer.max_steps 1000).
 set -euo pipefail

@@ -4,6 +4,9 @@ The public API: everything in ``__all__`` imports from here, and each name also 
 home in its subpackage (``dmvae_lightning.modules``, ``.data``, ``.losses``, ``.callbacks``,
 ``.nets``, ``.metrics``), which is the path to use in ``class_path`` entries of configs, e.g.
 ``dmvae_lightning.modules.dmvae.DMVAEModule`` or ``dmvae_lightning.losses.matching.MMDLoss``.
+
+Importing the package also registers its named Lightning strategies (``trainer.strategy:
+fsdp2``, see :mod:`dmvae_lightning.strategies`).
 """
 
 from dmvae_lightning.callbacks import FIDMonitor, PredictionWriter, ReferenceFeeder
@@ -64,6 +67,9 @@ from dmvae_lightning.nets import (
     TimmEncoder,
     Tokenizer,
 )
+from dmvae_lightning.strategies import register_strategies
+
+register_strategies()
 
 __all__ = [
     # LightningModules

@@ -128,6 +128,18 @@ class FIDMonitor(pl.Callback):
         self._batches = 0
 
     # ------------------------------------------------------------------ schedule
+    def on_fit_start(self, trainer, pl_module) -> None:
+        """Refuse a module whose parameters are sharded (FSDP2): the evaluation runs on rank 0
+        alone, and a sharded forward needs every rank."""
+        from torch.distributed.tensor import DTensor
+
+        if any(isinstance(p, DTensor) for p in pl_module.parameters()):
+            raise RuntimeError(
+                "FIDMonitor evaluates on rank 0 only and cannot run a sharded model "
+                "(trainer.strategy fsdp2); use DDP for runs with FIDMonitor, or evaluate "
+                "checkpoints afterwards."
+            )
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._batches += 1
         count = getattr(pl_module, "batch_count", None)

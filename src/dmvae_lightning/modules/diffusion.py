@@ -31,11 +31,22 @@ rank)`` (:func:`~dmvae_lightning.utils.rng.step_rng`); ``batch_count`` is a chec
 kill-and-resume repeats an uninterrupted run exactly. The EMA (of the DiT only) is swapped in for
 validation, test, predict and :meth:`sample`.
 
+Sharding (FSDP2): with ``trainer.strategy: fsdp2`` (:class:`~dmvae_lightning.strategies.
+FSDP2Strategy`, or any Lightning ``ModelParallelStrategy`` with tensor-parallel size 1),
+:meth:`configure_model` applies ``fully_shard`` to every DiT block and then to the DiT over the
+data-parallel mesh: each rank holds ``1 / world_size`` of the DiT's weights, gradients and
+optimizer state, and of its EMA (:meth:`~dmvae_lightning.ema.EMA.shard_like`); a block's weights
+are gathered for its forward and backward and freed again. Not sharded: the latent statistics
+and counters (small buffers, replicated), the frozen tokenizer (held outside the module: every
+rank keeps a full copy) and activations (each rank has its own batch, as with DDP). Checkpoints
+are full-state files by default, loadable by a single process. With any other strategy (DDP, one
+process) :meth:`configure_model` does nothing.
+
 Hooks to override (one piece each): :meth:`configure_models`, :meth:`load_tokenizer`,
 :meth:`get_latents`, :meth:`get_labels`, :meth:`normalize`, :meth:`denormalize`,
 :meth:`sample_time`, :meth:`training_loss`, :meth:`stats_dataloader`, :meth:`sample`,
-:meth:`decode`, :meth:`log_samples`. Each hook's docstring says when it is called and what it
-must return; overriding one never requires copying another.
+:meth:`decode`, :meth:`log_samples`, :meth:`shard_dit`. Each hook's docstring says when it is
+called and what it must return; overriding one never requires copying another.
 """
 
 from __future__ import annotations
@@ -118,6 +129,10 @@ class LatentDiffusionModule(EMAInEvaluation, pl.LightningModule):
         seed: seed of the per-step random streams.
         compile: compile the DiT with ``torch.compile`` (in place: parameter names and
             checkpoints are unchanged); ``compile_backend`` picks the backend.
+        fsdp_reshard_after_forward: under FSDP2 (see the module docstring), free each block's
+            gathered weights after its forward and gather them again for the backward (True,
+            least memory), or keep them until the backward (False: one all-gather per block and
+            step fewer, the gathered blocks' memory held in between). Ignored otherwise.
     """
 
     def __init__(
@@ -151,6 +166,7 @@ class LatentDiffusionModule(EMAInEvaluation, pl.LightningModule):
         seed: int = 0,
         compile: bool = False,
         compile_backend: str = "inductor",
+        fsdp_reshard_after_forward: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -232,6 +248,67 @@ class LatentDiffusionModule(EMAInEvaluation, pl.LightningModule):
             )
         except (TypeError, ValueError) as err:
             raise ValueError(f"model.init_args.dit: {err}") from err
+
+    def configure_model(self) -> None:
+        """Lightning calls it in every process before the optimizers are built (again at every
+        ``fit`` / ``validate`` / ...). With a device mesh (``ModelParallelStrategy``, e.g.
+        ``fsdp2``): rank 0's DiT and EMA are broadcast (all ranks start from the same weights,
+        as DDP ensures), :meth:`shard_dit` shards the DiT over the data-parallel mesh and the
+        EMA is sharded like it. Without a mesh, or when the DiT is sharded already: nothing."""
+        mesh = self.device_mesh
+        if mesh is None or self.dit_is_sharded:
+            return
+        names = mesh.mesh_dim_names or ()
+        if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
+            raise ValueError(
+                "LatentDiffusionModule has no tensor parallelism: use trainer.strategy fsdp2 "
+                "(ModelParallelStrategy with tensor_parallel_size=1)."
+            )
+        data_parallel = mesh["data_parallel"] if "data_parallel" in names else mesh
+        self._broadcast_from_first_rank(data_parallel)
+        self.shard_dit(data_parallel)
+        if self.ema is not None:
+            self.ema.shard_like(self.dit)
+
+    def shard_dit(self, mesh: Any) -> None:
+        """Called by :meth:`configure_model` under FSDP2 with the data-parallel ``DeviceMesh``.
+        Must apply ``fully_shard`` to ``self.dit`` (its parameters become DTensor shards);
+        returns nothing. Default: each module of ``self.dit.blocks`` (when present) is one
+        shard unit, with ``fsdp_reshard_after_forward``, then the DiT itself (the embedders and
+        the final layer: gathered for the whole forward)."""
+        from torch.distributed.fsdp import fully_shard
+
+        reshard = self.hparams.fsdp_reshard_after_forward
+        for block in getattr(self.dit, "blocks", ()):
+            fully_shard(block, mesh=mesh, reshard_after_forward=reshard)
+        fully_shard(self.dit, mesh=mesh)
+
+    @property
+    def dit_is_sharded(self) -> bool:
+        """Whether :meth:`shard_dit` has run (the DiT's parameters are DTensor shards)."""
+        if not torch.distributed.is_available():
+            return False
+        from torch.distributed.fsdp import FSDPModule
+
+        return isinstance(self.dit, FSDPModule)
+
+    def _broadcast_from_first_rank(self, mesh: Any) -> None:
+        """Copy the DiT's tensors and the EMA of the mesh's first rank to the others (each rank
+        built its own: different unless seeded alike). Through the mesh's device (nccl needs
+        GPU tensors), one tensor at a time."""
+        import torch.distributed as dist
+
+        group = mesh.get_group()
+        source = dist.get_global_rank(group, 0)
+        device = torch.device(mesh.device_type)
+        modules: list[nn.Module] = [self.dit] if self.ema is None else [self.dit, self.ema]
+        with torch.no_grad():
+            for module in modules:
+                for tensor in (*module.parameters(), *module.buffers()):
+                    moved = tensor.detach().to(device)
+                    dist.broadcast(moved, src=source, group=group)
+                    if moved is not tensor:
+                        tensor.copy_(moved)
 
     def load_tokenizer(self, path: str) -> nn.Module:
         """Called once from ``__init__`` when ``tokenizer_ckpt`` is set. Must return the frozen
@@ -522,7 +599,8 @@ class LatentDiffusionModule(EMAInEvaluation, pl.LightningModule):
         progress: bool = False,
     ) -> torch.Tensor:
         """Generate from noise with the EMA DiT. Called by ``predict_step``, the validation
-        sample grid and user code; returns what ``Returns`` says below.
+        sample grid and user code; returns what ``Returns`` says below. With a sharded DiT
+        (FSDP2) every rank must call it alike: each forward gathers weights from all ranks.
 
         Args:
             labels: (B,) int64 classes; ``num_classes`` (the null class) samples unconditionally.
@@ -579,12 +657,13 @@ class LatentDiffusionModule(EMAInEvaluation, pl.LightningModule):
         """Called on the first batch of every validation and test epoch (``stage`` ``"val"`` /
         ``"test"``, EMA weights in). Returns nothing.
         Default: a grid of ``num_log_images`` decoded samples (labels 0, 1, ...; fixed noise) to
-        TensorBoard; rank 0 only; skipped without tokenizer, statistics or an image logger."""
+        TensorBoard; rank 0 only (every rank samples when the DiT is sharded: its forward is a
+        collective); skipped without tokenizer, statistics or an image logger."""
         n = self.hparams.num_log_images
         logger = self.logger
         if (
             n <= 0
-            or self.global_rank != 0
+            or (self.global_rank != 0 and not self.dit_is_sharded)
             or self.tokenizer is None
             or not bool(self.stats_ready)
             or logger is None
@@ -597,6 +676,8 @@ class LatentDiffusionModule(EMAInEvaluation, pl.LightningModule):
         images = self.sample(
             labels, steps=self.hparams.log_sample_steps, sampler="euler", generator=gen, decode=True
         )
+        if self.global_rank != 0:
+            return
         grid = torchvision.utils.make_grid(
             images.clamp(-1, 1).float().cpu(),
             nrow=max(1, int(math.sqrt(n))),
