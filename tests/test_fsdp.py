@@ -18,6 +18,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from helpers import forkable_threads
 from lightning.pytorch.strategies import ModelParallelStrategy, StrategyRegistry
 from test_distributed import assert_close, assert_equal, assert_moved
 from test_distributed_diffusion import SHAPE, FixedDrawsDiffusion, PerItemGaussian, build
@@ -27,6 +28,14 @@ from torch.distributed.tensor import DTensor, Shard
 from dmvae_lightning.callbacks import FIDMonitor
 from dmvae_lightning.modules.diffusion import LatentDiffusionModule
 from dmvae_lightning.strategies import FSDP2Strategy, register_strategies
+
+
+@pytest.fixture(autouse=True)
+def _forkable():
+    """Every test here forks workers (see helpers.forkable_threads)."""
+    with forkable_threads():
+        yield
+
 
 WEIGHT = "dit.blocks.0.attn.qkv.weight"  # (3 x hidden 32, 32): 48 rows per rank
 PROBE_T = (0.2, 0.5, 0.9)

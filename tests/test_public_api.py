@@ -20,7 +20,13 @@ from dmvae_lightning import (
 )
 
 SUBPACKAGES = ("callbacks", "data", "losses", "metrics", "modules", "nets")
-HOMES = (*SUBPACKAGES, "distributed", "ema", "latents")  # modules with an __all__ of their own
+HOMES = (
+    *SUBPACKAGES,
+    "distributed",
+    "ema",
+    "latents",
+    "strategies",
+)  # modules with an __all__ of their own
 
 
 def test_every_name_in_all_imports():

@@ -6,7 +6,7 @@ home in its subpackage (``dmvae_lightning.modules``, ``.data``, ``.losses``, ``.
 ``dmvae_lightning.modules.dmvae.DMVAEModule`` or ``dmvae_lightning.losses.matching.MMDLoss``.
 
 Importing the package also registers its named Lightning strategies (``trainer.strategy:
-fsdp2``, see :mod:`dmvae_lightning.strategies`).
+ddp_explicit`` and ``fsdp2``, see :mod:`dmvae_lightning.strategies`).
 """
 
 from dmvae_lightning.callbacks import FIDMonitor, PredictionWriter, ReferenceFeeder
@@ -30,8 +30,6 @@ from dmvae_lightning.data import (
     TimmFeatureSource,
     build_source,
 )
-
-# importing distributed registers `trainer.strategy: ddp_explicit`
 from dmvae_lightning.distributed import ExplicitDDPStrategy
 from dmvae_lightning.ema import EMA
 from dmvae_lightning.latents import LatentCache, load_frozen_tokenizer
@@ -67,7 +65,7 @@ from dmvae_lightning.nets import (
     TimmEncoder,
     Tokenizer,
 )
-from dmvae_lightning.strategies import register_strategies
+from dmvae_lightning.strategies import FSDP2Strategy, register_strategies
 
 register_strategies()
 
@@ -123,6 +121,7 @@ __all__ = [
     "Tokenizer",
     # distributed training
     "ExplicitDDPStrategy",
+    "FSDP2Strategy",
     # metrics and EMA
     "EMA",
     "DomainFeatures",

@@ -46,7 +46,7 @@ import torch
 import torch.distributed as dist
 from lightning.fabric.strategies import _StrategyRegistry
 from lightning.pytorch.overrides.distributed import _sync_module_states
-from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from lightning.pytorch.strategies import DDPStrategy
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 
@@ -246,8 +246,4 @@ class ExplicitDDPStrategy(DDPStrategy):
                     f"(start_method '{start_method}'), for modules with several optimizers"
                 ),
                 start_method=start_method,
-                override=True,
             )
-
-
-ExplicitDDPStrategy.register_strategies(StrategyRegistry)

@@ -1,4 +1,6 @@
-"""Named training strategies of this package: ``trainer.strategy: fsdp2``.
+"""Named training strategies of this package: ``trainer.strategy: fsdp2`` (below) and
+``ddp_explicit`` / ``ddp_explicit_spawn`` / ``ddp_explicit_fork``
+(:class:`~dmvae_lightning.distributed.ExplicitDDPStrategy`, for the tokenizer stages).
 
 ``fsdp2`` is :class:`FSDP2Strategy`, Lightning's ``ModelParallelStrategy`` (FSDP2, PyTorch's
 ``fully_shard``) set up for pure data parallelism: every process of every node is one
@@ -34,6 +36,8 @@ from lightning.pytorch.strategies.launchers.multiprocessing import (
     _WorkerOutput,
 )
 from lightning.pytorch.trainer.states import TrainerFn
+
+from dmvae_lightning.distributed import ExplicitDDPStrategy
 
 __all__ = ["FSDP2Strategy", "register_strategies"]
 
@@ -131,9 +135,13 @@ class _FullStateLauncher(_MultiProcessingLauncher):
 
 
 def register_strategies() -> None:
-    """Register ``"fsdp2"`` (:class:`FSDP2Strategy` with its defaults) in Lightning's
-    ``StrategyRegistry``, so ``trainer.strategy: fsdp2`` works. Idempotent; a name another
-    package already registered is left alone."""
+    """Register ``"fsdp2"`` (:class:`FSDP2Strategy` with its defaults) and the ``ddp_explicit``
+    names in Lightning's ``StrategyRegistry``, so ``trainer.strategy: fsdp2`` / ``ddp_explicit``
+    work. Idempotent; a name another package already registered is left alone."""
+    for name in ("ddp_explicit", "ddp_explicit_spawn", "ddp_explicit_fork"):
+        if name not in StrategyRegistry:
+            ExplicitDDPStrategy.register_strategies(StrategyRegistry)
+            break
     if FSDP2 not in StrategyRegistry:
         StrategyRegistry.register(
             FSDP2,
