@@ -16,7 +16,8 @@ argument and checks that its parameter names match those seen at construction.
 
 Under DDP with ``broadcast_buffers=True`` (the default) the EMA buffers are broadcast from rank 0
 at every forward; they are identical on all ranks anyway, so for large models prefer
-``DDPStrategy(broadcast_buffers=False)``.
+``DDPStrategy(broadcast_buffers=False)``. ``ddp_explicit``
+(:class:`~dmvae_lightning.distributed.ExplicitDDPStrategy`) never broadcasts them.
 
 Under FSDP2 (``fully_shard``, e.g. ``trainer.strategy: fsdp2``) the tracked parameters are
 DTensor shards. After sharding the model, call :meth:`EMA.shard_like`: every average becomes a
