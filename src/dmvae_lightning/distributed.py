@@ -80,17 +80,21 @@ def _buckets(tensors: Sequence[Tensor], cap_bytes: int) -> Generator[list[Tensor
         yield bucket
 
 
+def _copy_back(flat: Tensor, tensors: Sequence[Tensor]) -> None:
+    """Write consecutive slices of the 1-D ``flat`` into ``tensors``, in order."""
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
 def _all_reduce_mean(tensors: Sequence[Tensor], cap_bytes: int, group: Any) -> None:
     """In place: every tensor becomes its mean over the ranks (one flat all-reduce per bucket)."""
     world = dist.get_world_size(group)
     for bucket in _buckets(tensors, cap_bytes):
         flat = torch.cat([t.reshape(-1) for t in bucket])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-        flat.div_(world)
-        offset = 0
-        for t in bucket:
-            t.copy_(flat[offset : offset + t.numel()].view_as(t))
-            offset += t.numel()
+        _copy_back(flat.div_(world), bucket)
 
 
 def all_reduce_gradients(
@@ -146,10 +150,7 @@ def broadcast_norm_statistics(buffers: Sequence[Tensor], src: int = 0, group: An
     for bucket in _buckets(buffers, 2**26):
         flat = torch.cat([b.reshape(-1) for b in bucket])
         dist.broadcast(flat, src=src, group=group)
-        offset = 0
-        for b in bucket:
-            b.copy_(flat[offset : offset + b.numel()].view_as(b))
-            offset += b.numel()
+        _copy_back(flat, bucket)
 
 
 class ExplicitDDPStrategy(DDPStrategy):
