@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 
 def checkpoints(root: Path) -> list[Path]:
@@ -78,3 +82,27 @@ def forkable_threads() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, fn, out: Path) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.save(fn(rank, world), out / f"out{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(fn, tmp_path: Path, world: int = 2) -> list:
+    """``fn(rank, world)`` in ``world`` forked processes of one gloo group; their results."""
+    with forkable_threads():
+        mp.start_processes(
+            _worker, args=(world, _free_port(), fn, tmp_path), nprocs=world, start_method="fork"
+        )
+    return [torch.load(tmp_path / f"out{r}.pt") for r in range(world)]

@@ -6,16 +6,12 @@ strategy are in test_distributed.py."""
 
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-from helpers import forkable_threads
+from helpers import forkable_threads, run_ranks
 from lightning.pytorch.strategies import StrategyRegistry
 from torch import nn
 
@@ -25,30 +21,6 @@ from dmvae_lightning.distributed import (
     broadcast_norm_statistics,
     norm_statistics,
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, fn, out: Path) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        torch.save(fn(rank, world), out / f"out{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-
-
-def run_ranks(fn, tmp_path: Path, world: int = 2) -> list:
-    """``fn(rank, world)`` in ``world`` forked processes of one gloo group; their results."""
-    with forkable_threads():
-        mp.start_processes(
-            _worker, args=(world, _free_port(), fn, tmp_path), nprocs=world, start_method="fork"
-        )
-    return [torch.load(tmp_path / f"out{r}.pt") for r in range(world)]
 
 
 def _gradients(rank: int, world: int) -> dict:

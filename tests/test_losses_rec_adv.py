@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torchvision
+from helpers import run_ranks
 from torch import nn
 
 from dmvae_lightning.losses import (
@@ -187,6 +188,29 @@ def test_adaptive_weight_closed_form_and_clamp():
     assert adaptive_weight(a * w.sum(), 1e-9 * w.sum(), w, max_weight=7.0).item() == 7.0
     with torch.no_grad(), pytest.raises(RuntimeError, match="graph"):
         adaptive_weight(a * w.sum(), b * w.sum(), w)
+
+
+def _rank_weights(rank: int, world: int) -> dict:
+    """Rank r: rec = a_r . W, g = b_r . W with direction vectors that differ per rank."""
+    w = torch.zeros(4, requires_grad=True)
+    a = torch.tensor([[3.0, 0.0, 1.0, 0.0], [0.0, -1.0, 1.0, 2.0]])[rank]
+    b = torch.tensor([[0.5, 0.5, 0.0, 0.0], [0.0, 0.0, -0.5, 1.0]])[rank]
+    synced = adaptive_weight((a * w).sum(), (b * w).sum(), w)
+    local = adaptive_weight((a * w).sum(), (b * w).sum(), w, sync=False)
+    return {"synced": synced, "local": local}
+
+
+def test_adaptive_weight_is_the_global_batch_weight_across_ranks(tmp_path):
+    """2 ranks: the synced weight is ||mean_r a_r|| / (||mean_r b_r|| + eps), the weight of the
+    averaged (global-batch) losses, on both ranks; per-rank weights differ from it."""
+    a = torch.tensor([[3.0, 0.0, 1.0, 0.0], [0.0, -1.0, 1.0, 2.0]])
+    b = torch.tensor([[0.5, 0.5, 0.0, 0.0], [0.0, 0.0, -0.5, 1.0]])
+    want = a.mean(0).norm() / (b.mean(0).norm() + 1e-4)
+    outs = run_ranks(_rank_weights, tmp_path)
+    for rank, out in enumerate(outs):
+        torch.testing.assert_close(out["synced"], want)
+        torch.testing.assert_close(out["local"], a[rank].norm() / (b[rank].norm() + 1e-4))
+        assert abs(out["local"].item() - want.item()) > 0.1
 
 
 def test_diffaugment_reproducible_from_generator():

@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -51,12 +52,19 @@ def adaptive_weight(
     last_layer: Tensor,
     max_weight: float = 1e4,
     eps: float = 1e-4,
+    sync: bool = True,
 ) -> Tensor:
     """VQGAN adaptive weight ``||d rec/d W|| / (||d g/d W|| + eps)`` clamped to [0, max_weight].
 
     ``W = last_layer`` is usually the weight of the decoder's output conv. Both gradients are
     taken with ``torch.autograd.grad(..., retain_graph=True)`` so the graph remains usable for the
     backward pass; nothing is accumulated into ``.grad``. Returns a detached fp32 scalar.
+
+    With ``sync`` and an initialised ``torch.distributed`` group of several ranks, both gradients
+    are first averaged over the ranks (one all-reduce of 2 x ``W.numel()`` values; every rank must
+    call this together). The weight is then the one of the global batch, the same on every rank
+    and equal to single-process training on the concatenated batch; per-rank norms (the public
+    code under DDP) give each rank its own weight.
     """
     if not (rec_loss.requires_grad and g_loss.requires_grad):
         raise RuntimeError(
@@ -65,7 +73,12 @@ def adaptive_weight(
         )
     (rec_grad,) = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)
     (g_grad,) = torch.autograd.grad(g_loss, last_layer, retain_graph=True)
-    weight = rec_grad.float().norm() / (g_grad.float().norm() + eps)
+    rec_grad, g_grad = rec_grad.float(), g_grad.float()
+    if sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        both = torch.stack([rec_grad, g_grad])
+        dist.all_reduce(both, op=dist.ReduceOp.SUM)
+        rec_grad, g_grad = both / dist.get_world_size()
+    weight = rec_grad.norm() / (g_grad.norm() + eps)
     return weight.clamp(0.0, max_weight).detach()
 
 
@@ -181,7 +194,8 @@ class AdversarialLoss(nn.Module):
     * ``active(step)``: whether the adversarial terms are on (``step >= start_step``).
     * ``generator_loss(disc, x_rec, rec_loss, last_layer)``:
       ``disc_weight * w * (-mean D(aug(x_rec)))`` with ``w = adaptive_weight(rec_loss, g_adv,
-      last_layer)`` when ``adaptive`` (else 1). When gradients are disabled (validation) the
+      last_layer)`` when ``adaptive`` (else 1; under ``torch.distributed`` the weight is that of
+      the global batch unless ``sync_adaptive_weight=False``). When gradients are disabled (validation) the
       adaptive weight cannot be computed and is reported as 0, so the adversarial term drops out
       of no-grad totals while ``g_adv`` still logs its raw value.
     * ``discriminator_loss(disc, x, x_rec)``: ``hinge(D(aug(x)), D(aug(sg(x_rec))))``
@@ -203,6 +217,7 @@ class AdversarialLoss(nn.Module):
         consistency_weight: float = 0.0,
         adaptive: bool = True,
         max_adaptive_weight: float = 1e4,
+        sync_adaptive_weight: bool = True,
     ) -> None:
         super().__init__()
         if disc_weight < 0 or consistency_weight < 0:
@@ -212,6 +227,7 @@ class AdversarialLoss(nn.Module):
         self.consistency_weight = float(consistency_weight)
         self.adaptive = bool(adaptive)
         self.max_adaptive_weight = float(max_adaptive_weight)
+        self.sync_adaptive_weight = bool(sync_adaptive_weight)
         self.augment = DiffAugment(diffaug_policy)
 
     def active(self, step: int) -> bool:
@@ -232,7 +248,11 @@ class AdversarialLoss(nn.Module):
             weight = g_adv.new_ones(())
         elif torch.is_grad_enabled() and g_adv.requires_grad and rec_loss.requires_grad:
             weight = adaptive_weight(
-                rec_loss, g_adv, last_layer, max_weight=self.max_adaptive_weight
+                rec_loss,
+                g_adv,
+                last_layer,
+                max_weight=self.max_adaptive_weight,
+                sync=self.sync_adaptive_weight,
             )
         else:
             weight = g_adv.new_zeros(())

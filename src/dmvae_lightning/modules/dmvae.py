@@ -148,7 +148,8 @@ class DMVAEModule(EMAInEvaluation, pl.LightningModule):
         lpips: :class:`LPIPSSpec`, required when ``lpips_weight > 0``.
         disc_weight: weight of the adversarial generator loss (times the adaptive weight).
         disc_start: batch from which discriminator and adversarial loss are on.
-        adaptive_disc_weight: scale the GAN loss by ||grad rec|| / ||grad GAN|| at the last layer.
+        adaptive_disc_weight: scale the GAN loss by ||grad rec|| / ||grad GAN|| at the last layer
+            (gradients averaged over the ranks in distributed training: the global batch's).
         diffaug: DiffAugment policy for the discriminator inputs ("" disables).
         consistency_weight: bCR consistency-regularisation weight for the discriminator.
         lr, disc_lr: AdamW learning rates (``disc_lr`` defaults to ``lr``).
