@@ -126,7 +126,9 @@ class RecordRank(pl.Callback):
             torch.save({k: v.cpu() for k, v in outputs.items()}, self._path(trainer, "predict"))
 
 
-def make_trainer(root: Path, devices: int, perturb_rank1: bool = False, **kwargs) -> pl.Trainer:
+def make_trainer(
+    root: Path, devices: int, perturb_rank1: bool = False, sharded_ckpt: bool = False, **kwargs
+) -> pl.Trainer:
     """Trainer on ``devices`` CPU processes (``FSDP2Strategy`` for 2, forked, collectives time
     out after 60 s instead of hanging) for epochs of 2 batches with one validation batch after
     each; ``kwargs`` override the Trainer arguments."""
@@ -139,7 +141,11 @@ def make_trainer(root: Path, devices: int, perturb_rank1: bool = False, **kwargs
         "enable_checkpointing": False,
         **kwargs,
     }
-    strategy = FSDP2Strategy(start_method="fork", timeout=timedelta(seconds=60))
+    strategy = FSDP2Strategy(
+        start_method="fork",
+        timeout=timedelta(seconds=60),
+        save_distributed_checkpoint=sharded_ckpt,
+    )
     return pl.Trainer(
         accelerator="cpu",
         devices=devices,
@@ -238,6 +244,37 @@ def test_fsdp2_checkpoint_loads_in_one_process_and_resumes_exactly(tmp_path):
 
     model, data = build(LatentDiffusionModule, source, 4, **options)
     (resumed, _) = fit(tmp_path / "resumed", model, data, 2, max_epochs=2, ckpt_path=str(ckpt))
+    assert int(resumed["batch_count"]) == 4
+    assert_moved(tmp_path / "straight", straight, ("dit.", "ema."))
+    assert_equal(resumed, straight)
+
+
+def test_fsdp2_sharded_checkpoint_resumes_exactly(tmp_path):
+    """``save_distributed_checkpoint=True``: the checkpoint after epoch 1 is a folder of
+    per-rank shards (no gathering on rank 0), and resuming from it under fsdp2 with the same
+    world size is bit-identical to 2 epochs straight (weights, EMA, AdamW state, counters)."""
+    source = PerItemGaussian(SHAPE, mean=0.3, std=1.7)
+    options = {"class_dropout_prob": 0.5}
+    model, data = build(LatentDiffusionModule, source, 4, **options)
+    (straight, _) = fit(tmp_path / "straight", model, data, 2, max_epochs=2)
+
+    model, data = build(LatentDiffusionModule, source, 4, **options)
+    fit(
+        tmp_path / "first",
+        model,
+        data,
+        2,
+        max_epochs=1,
+        enable_checkpointing=True,
+        sharded_ckpt=True,
+    )
+    (ckpt,) = (tmp_path / "first" / "checkpoints").glob("*.ckpt")
+    assert ckpt.is_dir() and len(list(ckpt.glob("*.distcp"))) == 2, sorted(ckpt.iterdir())
+
+    model, data = build(LatentDiffusionModule, source, 4, **options)
+    (resumed, _) = fit(
+        tmp_path / "resumed", model, data, 2, max_epochs=2, ckpt_path=str(ckpt), sharded_ckpt=True
+    )
     assert int(resumed["batch_count"]) == 4
     assert_moved(tmp_path / "straight", straight, ("dit.", "ema."))
     assert_equal(resumed, straight)
