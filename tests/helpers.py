@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -106,3 +107,31 @@ def run_ranks(fn, tmp_path: Path, world: int = 2) -> list:
             _worker, args=(world, _free_port(), fn, tmp_path), nprocs=world, start_method="fork"
         )
     return [torch.load(tmp_path / f"out{r}.pt") for r in range(world)]
+
+
+class SlurmProbe(pl.Callback):
+    """For ``dmvae fit`` runs in subprocesses (``--trainer.callbacks+=helpers.SlurmProbe``):
+    delivers SIGUSR1 to its own process at the start of batch ``$PROBE_SIGNAL_AT`` (1-based,
+    counted over the fit; unset or 0: never), and writes the module's state at the start and the
+    end of training to ``$PROBE_OUT/start<R>.pt`` / ``$PROBE_OUT/rank<R>.pt``."""
+
+    def __init__(self) -> None:
+        self.at = int(os.environ.get("PROBE_SIGNAL_AT", "0"))
+        self.out = Path(os.environ["PROBE_OUT"])
+        self.seen = 0
+
+    def _save(self, trainer, pl_module, name: str) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
+        torch.save(state, self.out / f"{name}{trainer.global_rank}.pt")
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._save(trainer, pl_module, "start")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.seen += 1
+        if self.seen == self.at:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._save(trainer, pl_module, "rank")

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
-from helpers import assert_same
+import torch
+from helpers import _free_port, assert_same
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.utilities.rank_zero import rank_zero_only as fabric_rank_zero_only
 from lightning.pytorch.utilities.rank_zero import rank_zero_only as pl_rank_zero_only
@@ -105,18 +108,16 @@ def test_check_slurm_layout_unit():
 
 
 class RequeueAt(pl.Callback):
-    """After batch ``at`` (counted over the whole fit), deliver SIGUSR1 to this process, as SLURM
-    does ``--signal=SIGUSR1@90`` seconds before the time limit, then stop as the job would be
-    killed at the limit."""
+    """At the start of batch ``at`` (1-based, counted over the whole fit), deliver SIGUSR1 to
+    this process, as SLURM does ``--signal=SIGUSR1@90`` seconds before the time limit."""
 
     def __init__(self, at: int) -> None:
         self.at, self.seen = at, 0
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.seen += 1
         if self.seen == self.at:
             os.kill(os.getpid(), signal.SIGUSR1)
-            trainer.should_stop = True
 
 
 class RecordStart(pl.Callback):
@@ -130,11 +131,12 @@ class RecordStart(pl.Callback):
 def test_requeue_signal_writes_checkpoint_and_next_run_resumes(
     tmp_path, monkeypatch, fashion_mnist_root
 ):
-    """A 1-task SLURM job gets SIGUSR1 after 4 of its 6 batches: Lightning writes
-    ``hpc_ckpt_1.ckpt`` in default_root_dir and calls ``scontrol requeue <job id>`` (a fake
-    scontrol records it). The requeued job, the same command with no ckpt_path, resumes from that
-    checkpoint (batch counter 4), trains the 2 remaining batches and ends with exactly the weights
-    of an uninterrupted run."""
+    """A 1-task SLURM job gets SIGUSR1 during batch 4 of its 6: at the end of that batch
+    (:class:`SynchronizedRequeue`, added by the CLI) Lightning's requeue routine writes
+    ``hpc_ckpt_1.ckpt`` in default_root_dir, calls ``scontrol requeue <job id>`` (a fake scontrol
+    records it) and the run stops. The requeued job, the same command with no ckpt_path,
+    resumes from that checkpoint (batch counter 4), trains the 2 remaining batches and ends with
+    exactly the weights of an uninterrupted run."""
     fake_slurm(
         monkeypatch,
         SLURM_NTASKS="1",
@@ -173,6 +175,105 @@ def test_requeue_signal_writes_checkpoint_and_next_run_resumes(
     assert start.batch_count == 4
     assert int(resumed.batch_count) == 6
     assert_same(reference.state_dict(), resumed.state_dict())
+
+
+def _srun(root: Path, out: Path, scontrol_dir: Path, signal_at: dict[int, int]) -> None:
+    """What ``srun`` does for a 1-node x 2-task job: the same ``dmvae fit`` (stage 1 tiny,
+    ``ddp_explicit``, 2 epochs of 3 batches) in 2 processes, each with its task's SLURM variables; task r
+    gets SIGUSR1 at the start of its batch ``signal_at[r]`` (none when absent)."""
+    port = str(_free_port())
+    command = [
+        sys.executable,
+        "-m",
+        "dmvae_lightning.cli",
+        "fit",
+        "--config",
+        TOKENIZER_TINY,
+        "--trainer.default_root_dir",
+        str(root),
+        "--trainer.logger",
+        "false",
+        "--trainer.enable_checkpointing",
+        "false",
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "ddp_explicit",
+        "--trainer.max_epochs",
+        "2",
+        "--trainer.limit_val_batches",
+        "0",
+        "--model.init_args.disc_start",
+        "2",
+        "--trainer.callbacks+=helpers.SlurmProbe",
+    ]
+    procs = []
+    for rank in range(2):
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]),
+            "PATH": f"{scontrol_dir}{os.pathsep}{os.environ['PATH']}",
+            "OMP_NUM_THREADS": "1",
+            "SLURM_JOB_ID": "4242",
+            "SLURM_JOB_NAME": "dmvae-tokenizer",
+            "SLURM_NTASKS": "2",
+            "SLURM_NTASKS_PER_NODE": "2",
+            "SLURM_NNODES": "1",
+            "SLURM_NODEID": "0",
+            "SLURM_PROCID": str(rank),
+            "SLURM_LOCALID": str(rank),
+            "SLURM_NODELIST": "localhost",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+            "PROBE_OUT": str(out),
+            "PROBE_SIGNAL_AT": str(signal_at.get(rank, 0)),
+        }
+        procs.append(
+            subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        )
+    for proc in procs:
+        try:
+            output, _ = proc.communicate(timeout=240)
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            raise AssertionError("a SLURM task hung (collectives out of step?)") from None
+        assert proc.returncode == 0, output.decode(errors="replace")[-3000:]
+
+
+def test_requeue_two_tasks_signalled_at_different_batches(tmp_path, fashion_mnist_root):
+    """A 1-node x 2-task job (2 processes started as srun does, ``ddp_explicit``): SIGUSR1
+    reaches task 0 during batch 2 and task 1 during batch 3, as signals do, at different points
+    of the step. Both tasks write the requeue checkpoint after the same complete batch (2: the
+    batch during which the first task was signalled, mid-epoch), rank 0 calls ``scontrol
+    requeue`` once, and the run stops; the requeued job resumes there on both ranks and ends
+    bit-identical to an uninterrupted 2-task run (2 epochs of 3 batches). (Lightning's own handler saves inside the signal handler, i.e.
+    mid-step on rank 0 while rank 1 is in another collective.)"""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "scontrol.log"
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+
+    _srun(tmp_path / "straight", tmp_path / "straight_out", bin_dir, {})
+    job = tmp_path / "job"
+    _srun(job, tmp_path / "first", bin_dir, {0: 2, 1: 3})
+    assert (job / "hpc_ckpt_1.ckpt").is_file()
+    assert log.read_text().split() == ["requeue", "4242"]
+    for rank in range(2):
+        stopped = torch.load(tmp_path / "first" / f"rank{rank}.pt")
+        assert int(stopped["batch_count"]) == 2
+    saved = torch.load(job / "hpc_ckpt_1.ckpt", weights_only=False)
+    assert int(saved["state_dict"]["batch_count"]) == 2
+
+    _srun(job, tmp_path / "resumed", bin_dir, {})
+    straight = [torch.load(tmp_path / "straight_out" / f"rank{r}.pt") for r in range(2)]
+    resumed = [torch.load(tmp_path / "resumed" / f"rank{r}.pt") for r in range(2)]
+    for rank in range(2):
+        assert int(torch.load(tmp_path / "resumed" / f"start{rank}.pt")["batch_count"]) == 2
+        assert int(resumed[rank]["batch_count"]) == 6  # 2 epochs x 3 batches
+        assert_same(straight[rank], resumed[rank])
+    assert_same(resumed[0], resumed[1])
 
 
 @pytest.mark.parametrize("stage", ["tokenizer", "diffusion", "align", "finetune"])

@@ -9,7 +9,12 @@ Importing the package also registers its named Lightning strategies (``trainer.s
 ddp_explicit`` and ``fsdp2``, see :mod:`dmvae_lightning.strategies`).
 """
 
-from dmvae_lightning.callbacks import FIDMonitor, PredictionWriter, ReferenceFeeder
+from dmvae_lightning.callbacks import (
+    FIDMonitor,
+    PredictionWriter,
+    ReferenceFeeder,
+    SynchronizedRequeue,
+)
 from dmvae_lightning.data import (
     BankSource,
     CheckpointFeatureSource,
@@ -109,6 +114,7 @@ __all__ = [
     "FIDMonitor",
     "PredictionWriter",
     "ReferenceFeeder",
+    "SynchronizedRequeue",
     # networks
     "ClassifierEncoder",
     "ConvClassifier",

@@ -25,6 +25,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no model hub here; must precede 
 import lightning.pytorch as pl  # noqa: E402
 from lightning.pytorch.cli import ArgsType, LightningCLI  # noqa: E402
 
+from dmvae_lightning.callbacks.requeue import SynchronizedRequeue  # noqa: E402
+
 
 def link_data_to_model(config) -> None:
     """State shape and class information once, in the data section.
@@ -136,6 +138,8 @@ def main(args: ArgsType = None, run: bool = True) -> LightningCLI | None:
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
+        # always present, not configurable: SLURM requeue at a batch boundary all ranks agree on
+        trainer_defaults={"callbacks": [SynchronizedRequeue()]},
         auto_configure_optimizers=False,
         args=args,
         run=run,
