@@ -5,7 +5,10 @@ requeue checkpoint *inside the signal handler*, i.e. wherever each process happe
 ``SIGUSR1`` arrives. With several tasks that is a different point on every rank: rank 0 may be
 between the generator and the discriminator step (the checkpoint then holds half a training
 step), and the collectives of the save (a barrier) meet the other ranks' gradient all-reduces,
-which hangs or fails the job instead of requeueing it.
+which hangs or fails the job instead of requeueing it (Lightning-AI/pytorch-lightning issue
+21406 reports the intermittent hangs; ``tests/test_slurm.py`` reproduces one with 2 tasks
+signalled at different batches). Deferring to the next hook is not enough either: the ranks
+must also agree on *which* batch.
 
 :class:`SynchronizedRequeue` (added to every ``dmvae`` run by the CLI) replaces that handler,
 once training starts, by one that only records the signal. At the end of every training batch
