@@ -54,11 +54,13 @@ __all__ = [
     "ExplicitDDPStrategy",
     "all_reduce_gradients",
     "broadcast_norm_statistics",
+    "is_distributed",
     "norm_statistics",
 ]
 
 
-def _distributed(group: Any = None) -> bool:
+def is_distributed(group: Any = None) -> bool:
+    """Whether ``torch.distributed`` is initialised with more than one rank in ``group``."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
 
 
@@ -111,7 +113,7 @@ def all_reduce_gradients(
     Returns the number of gradient elements all-reduced (0 when not distributed).
     """
     params = [p for p in params if p.requires_grad]
-    if not params or not _distributed(group):
+    if not params or not is_distributed(group):
         return 0
     for p in params:
         if p.grad is not None and p.grad.is_sparse:
@@ -145,7 +147,7 @@ def norm_statistics(module: nn.Module) -> list[Tensor]:
 
 def broadcast_norm_statistics(buffers: Sequence[Tensor], src: int = 0, group: Any = None) -> None:
     """Copy rank ``src``'s ``buffers`` (e.g. :func:`norm_statistics`) to every rank, in place."""
-    if not buffers or not _distributed(group):
+    if not buffers or not is_distributed(group):
         return
     for bucket in _buckets(buffers, 2**26):
         flat = torch.cat([b.reshape(-1) for b in bucket])

@@ -29,6 +29,8 @@ import torch
 import torch.distributed as dist
 from lightning.fabric.plugins.environments import SLURMEnvironment
 
+from dmvae_lightning.distributed import is_distributed
+
 __all__ = ["SynchronizedRequeue"]
 
 
@@ -81,7 +83,7 @@ class SynchronizedRequeue(pl.Callback):
         if self._batches % self.check_every_n_batches:
             return
         flag = torch.tensor([int(self.requested)], device=trainer.strategy.root_device)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if is_distributed():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if not int(flag.item()):
             return

@@ -24,6 +24,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dmvae_lightning.distributed import is_distributed
+
 __all__ = [
     "AdversarialLoss",
     "DiffAugment",
@@ -74,7 +76,7 @@ def adaptive_weight(
     (rec_grad,) = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)
     (g_grad,) = torch.autograd.grad(g_loss, last_layer, retain_graph=True)
     rec_grad, g_grad = rec_grad.float(), g_grad.float()
-    if sync and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if sync and is_distributed():
         both = torch.stack([rec_grad, g_grad])
         dist.all_reduce(both, op=dist.ReduceOp.SUM)
         rec_grad, g_grad = both / dist.get_world_size()

@@ -57,6 +57,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 
 from dmvae_lightning import flow
+from dmvae_lightning.distributed import is_distributed
 
 __all__ = [
     "DMDLoss",
@@ -78,10 +79,6 @@ SCORE_MIN_SIGMA = 1e-3
 
 
 # ---------------------------------------------------------------------------------- helpers
-def _distributed(group: Any = None) -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
-
-
 class _ScaleGrad(torch.autograd.Function):
     """Identity forward; the backward multiplies the incoming gradient by ``scale``."""
 
@@ -104,7 +101,7 @@ def gather_samples(x: Tensor, scale_grad: bool = True, group: Any = None) -> Ten
     the local slice by the world size (see the module docstring: with DDP's gradient averaging
     this gives the single-process gradient). Returns ``x`` unchanged when not distributed.
     """
-    if not _distributed(group):
+    if not is_distributed(group):
         return x
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     size = torch.tensor([x.shape[0]], device=x.device, dtype=torch.long)
@@ -125,7 +122,7 @@ def gather_samples(x: Tensor, scale_grad: bool = True, group: Any = None) -> Ten
 def _shared_seed(device: torch.device, sync: bool, group: Any = None) -> int:
     """A seed drawn from the global torch RNG; with ``sync`` rank 0's draw is broadcast."""
     seed = torch.randint(0, 2**62, (1,), dtype=torch.long)
-    if sync and _distributed(group):
+    if sync and is_distributed(group):
         seed = seed.to(device)
         src = 0 if group is None else dist.get_global_rank(group, 0)
         dist.broadcast(seed, src=src, group=group)
