@@ -18,7 +18,7 @@ from torch import nn
 from dmvae_lightning.distributed import (
     ExplicitDDPStrategy,
     all_reduce_gradients,
-    broadcast_norm_statistics,
+    broadcast_tensors,
     norm_statistics,
 )
 
@@ -59,7 +59,7 @@ def _norm_stats(rank: int, world: int) -> dict:
     image(torch.randn(4, 1, 2, 2) * (rank + 1))
     net[1](torch.randn(4, 2) + rank)
     before = [b.clone() for b in norm_statistics(net)]
-    broadcast_norm_statistics(norm_statistics(net))
+    broadcast_tensors(norm_statistics(net))
     return {"before": before, "after": norm_statistics(net)}
 
 

@@ -32,7 +32,7 @@ The cost: gradients are reduced after the backward instead of overlapping with i
 bucketed hooks). Gradient accumulation (``accumulate_grad_batches``) syncs only on the batch
 that steps, like DDP's ``no_sync``.
 
-:func:`all_reduce_gradients` and :func:`broadcast_norm_statistics` work on any module in any
+The collectives :func:`all_reduce_gradients` and :func:`broadcast_tensors` work on any module in any
 ``torch.distributed`` job (e.g. a Fabric or plain PyTorch loop).
 """
 
@@ -53,7 +53,7 @@ from torch.nn.modules.batchnorm import _NormBase
 __all__ = [
     "ExplicitDDPStrategy",
     "all_reduce_gradients",
-    "broadcast_norm_statistics",
+    "broadcast_tensors",
     "is_distributed",
     "norm_statistics",
 ]
@@ -145,14 +145,24 @@ def norm_statistics(module: nn.Module) -> list[Tensor]:
     return out
 
 
-def broadcast_norm_statistics(buffers: Sequence[Tensor], src: int = 0, group: Any = None) -> None:
-    """Copy rank ``src``'s ``buffers`` (e.g. :func:`norm_statistics`) to every rank, in place."""
-    if not buffers or not is_distributed(group):
+def broadcast_tensors(
+    tensors: Sequence[Tensor],
+    src: int = 0,
+    group: Any = None,
+    device: torch.device | None = None,
+) -> None:
+    """Copy global rank ``src``'s ``tensors`` (parameters, buffers, e.g. :func:`norm_statistics`)
+    to every rank of ``group``, in place: one broadcast per 64 MiB bucket of one dtype, sent
+    through ``device`` (default: the tensors' own; nccl needs a GPU)."""
+    if not tensors or not is_distributed(group):
         return
-    for bucket in _buckets(buffers, 2**26):
-        flat = torch.cat([b.reshape(-1) for b in bucket])
-        dist.broadcast(flat, src=src, group=group)
-        _copy_back(flat, bucket)
+    with torch.no_grad():
+        for bucket in _buckets(tensors, 2**26):
+            flat = torch.cat([t.detach().reshape(-1) for t in bucket])
+            if device is not None:
+                flat = flat.to(device)
+            dist.broadcast(flat, src=src, group=group)
+            _copy_back(flat, bucket)
 
 
 class ExplicitDDPStrategy(DDPStrategy):
@@ -215,7 +225,7 @@ class ExplicitDDPStrategy(DDPStrategy):
         out = super().training_step(*args, **kwargs)
         # After the step (DDP broadcasts before each forward): the statistics used in training
         # are the batch's either way, and this way ranks also agree after the last step.
-        broadcast_norm_statistics(self._norm_buffers)
+        broadcast_tensors(self._norm_buffers)
         return out
 
     def post_backward(self, closure_loss: Tensor) -> None:

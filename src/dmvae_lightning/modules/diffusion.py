@@ -63,6 +63,7 @@ from lightning.pytorch.utilities import move_data_to_device, rank_zero_info
 from torch import nn
 
 from dmvae_lightning import flow
+from dmvae_lightning.distributed import broadcast_tensors
 from dmvae_lightning.ema import EMA
 from dmvae_lightning.latents import load_frozen_tokenizer
 from dmvae_lightning.modules.common import EMAInEvaluation, linear_warmup
@@ -294,21 +295,19 @@ class LatentDiffusionModule(EMAInEvaluation, pl.LightningModule):
 
     def _broadcast_from_first_rank(self, mesh: Any) -> None:
         """Copy the DiT's tensors and the EMA of the mesh's first rank to the others (each rank
-        built its own: different unless seeded alike). Through the mesh's device (nccl needs
-        GPU tensors), one tensor at a time."""
+        built its own: different unless seeded alike), through the mesh's device (nccl needs
+        GPU tensors)."""
         import torch.distributed as dist
 
         group = mesh.get_group()
-        source = dist.get_global_rank(group, 0)
-        device = torch.device(mesh.device_type)
         modules: list[nn.Module] = [self.dit] if self.ema is None else [self.dit, self.ema]
-        with torch.no_grad():
-            for module in modules:
-                for tensor in (*module.parameters(), *module.buffers()):
-                    moved = tensor.detach().to(device)
-                    dist.broadcast(moved, src=source, group=group)
-                    if moved is not tensor:
-                        tensor.copy_(moved)
+        tensors = [t for m in modules for t in (*m.parameters(), *m.buffers())]
+        broadcast_tensors(
+            tensors,
+            src=dist.get_global_rank(group, 0),
+            group=group,
+            device=torch.device(mesh.device_type),
+        )
 
     def load_tokenizer(self, path: str) -> nn.Module:
         """Called once from ``__init__`` when ``tokenizer_ckpt`` is set. Must return the frozen
