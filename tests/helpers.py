@@ -85,7 +85,8 @@ def forkable_threads() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -104,34 +105,43 @@ def run_ranks(fn, tmp_path: Path, world: int = 2) -> list:
     """``fn(rank, world)`` in ``world`` forked processes of one gloo group; their results."""
     with forkable_threads():
         mp.start_processes(
-            _worker, args=(world, _free_port(), fn, tmp_path), nprocs=world, start_method="fork"
+            _worker, args=(world, free_port(), fn, tmp_path), nprocs=world, start_method="fork"
         )
     return [torch.load(tmp_path / f"out{r}.pt") for r in range(world)]
 
 
-class SlurmProbe(pl.Callback):
-    """For ``dmvae fit`` runs in subprocesses (``--trainer.callbacks+=helpers.SlurmProbe``):
-    delivers SIGUSR1 to its own process at the start of batch ``$PROBE_SIGNAL_AT`` (1-based,
-    counted over the fit; unset or 0: never), and writes the module's state at the start and the
-    end of training to ``$PROBE_OUT/start<R>.pt`` / ``$PROBE_OUT/rank<R>.pt``."""
+class SaveRankState(pl.Callback):
+    """Writes every rank's module state (CPU copies) at the start and the end of training to
+    ``<folder>/start<R>.pt`` and ``<folder>/rank<R>.pt``."""
 
-    def __init__(self) -> None:
-        self.at = int(os.environ.get("PROBE_SIGNAL_AT", "0"))
-        self.out = Path(os.environ["PROBE_OUT"])
-        self.seen = 0
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
 
     def _save(self, trainer, pl_module, name: str) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
-        torch.save(state, self.out / f"{name}{trainer.global_rank}.pt")
+        torch.save(state, self.folder / f"{name}{trainer.global_rank}.pt")
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._save(trainer, pl_module, "start")
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._save(trainer, pl_module, "rank")
+        stats = getattr(trainer.strategy, "comm_stats", None)
+        torch.save(stats, self.folder / f"comm{trainer.global_rank}.pt")
+
+
+class SlurmProbe(SaveRankState):
+    """For ``dmvae fit`` runs in subprocesses (``--trainer.callbacks+=helpers.SlurmProbe``):
+    :class:`SaveRankState` into ``$PROBE_OUT``, and SIGUSR1 delivered to its own process at the
+    start of batch ``$PROBE_SIGNAL_AT`` (1-based, counted over the fit; unset or 0: never)."""
+
+    def __init__(self) -> None:
+        super().__init__(Path(os.environ["PROBE_OUT"]))
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.at = int(os.environ.get("PROBE_SIGNAL_AT", "0"))
+        self.seen = 0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.seen += 1
         if self.seen == self.at:
             os.kill(os.getpid(), signal.SIGUSR1)
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        self._save(trainer, pl_module, "rank")

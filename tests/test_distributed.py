@@ -18,7 +18,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import SaveAtBatch, forkable_threads
+from helpers import SaveAtBatch, SaveRankState, forkable_threads
 
 from dmvae_lightning import flow
 from dmvae_lightning.cli import main
@@ -27,26 +27,6 @@ from dmvae_lightning.losses.matching import DMDLoss
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "tests" / "configs"
 QUIET = ["--trainer.logger", "false", "--trainer.enable_checkpointing", "false"]
-
-
-class SaveRankState(pl.Callback):
-    """Writes every rank's module state (CPU copies) at the start and the end of training to
-    ``<folder>/start<R>.pt`` and ``<folder>/rank<R>.pt``."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = Path(folder)
-
-    def _save(self, trainer, pl_module, name: str) -> None:
-        state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
-        torch.save(state, self.folder / f"{name}{trainer.global_rank}.pt")
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        self._save(trainer, pl_module, "start")
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        self._save(trainer, pl_module, "rank")
-        stats = getattr(trainer.strategy, "comm_stats", None)
-        torch.save(stats, self.folder / f"comm{trainer.global_rank}.pt")
 
 
 def align_args(ckpts: dict[str, str], *extra: str) -> list[str]:

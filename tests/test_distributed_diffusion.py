@@ -14,8 +14,8 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from helpers import forkable_threads
-from test_distributed import SaveRankState, assert_close, assert_equal, assert_moved
+from helpers import SaveRankState, forkable_threads
+from test_distributed import assert_close, assert_equal, assert_moved
 
 from dmvae_lightning import flow
 from dmvae_lightning.data.reference import ReferenceDistribution

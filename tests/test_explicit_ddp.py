@@ -11,7 +11,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import forkable_threads, run_ranks
+from helpers import SaveRankState, forkable_threads, run_ranks
 from lightning.pytorch.strategies import StrategyRegistry
 from torch import nn
 
@@ -91,16 +91,6 @@ class Regression(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-class SaveFinal(pl.Callback):
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        stats = getattr(trainer.strategy, "comm_stats", None)
-        state = {k: v.clone() for k, v in pl_module.state_dict().items()}
-        torch.save((state, stats), self.folder / f"final{trainer.global_rank}.pt")
-
-
 class RegressionData(pl.LightningDataModule):
     """32 rows of a noiseless linear map; ranks take interleaved rows, in order (no shuffle)."""
 
@@ -133,11 +123,14 @@ def _fit(folder: Path, devices: int, batch_size: int, strategy, accumulate: int)
         enable_progress_bar=False,
         enable_model_summary=False,
         use_distributed_sampler=False,
-        callbacks=[SaveFinal(folder)],
+        callbacks=[SaveRankState(folder)],
     )
     with forkable_threads():
         trainer.fit(Regression(), datamodule=RegressionData(batch_size))
-    return [torch.load(folder / f"final{r}.pt") for r in range(devices)]
+    return [
+        (torch.load(folder / f"rank{r}.pt"), torch.load(folder / f"comm{r}.pt"))
+        for r in range(devices)
+    ]
 
 
 def test_gradient_accumulation_syncs_on_the_stepping_batch_only(tmp_path):

@@ -14,7 +14,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import _free_port, assert_same
+from helpers import assert_same, free_port
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.utilities.rank_zero import rank_zero_only as fabric_rank_zero_only
 from lightning.pytorch.utilities.rank_zero import rank_zero_only as pl_rank_zero_only
@@ -181,7 +181,7 @@ def _srun(root: Path, out: Path, scontrol_dir: Path, signal_at: dict[int, int]) 
     """What ``srun`` does for a 1-node x 2-task job: the same ``dmvae fit`` (stage 1 tiny,
     ``ddp_explicit``, 2 epochs of 3 batches) in 2 processes, each with its task's SLURM variables; task r
     gets SIGUSR1 at the start of its batch ``signal_at[r]`` (none when absent)."""
-    port = str(_free_port())
+    port = str(free_port())
     command = [
         sys.executable,
         "-m",
