@@ -246,11 +246,15 @@ class ExplicitDDPStrategy(DDPStrategy):
 
     @classmethod
     def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+        """Register ``ddp_explicit`` / ``_spawn`` / ``_fork``; names already present are left
+        alone (idempotent)."""
         for name, start_method in (
             ("ddp_explicit", "popen"),
             ("ddp_explicit_spawn", "spawn"),
             ("ddp_explicit_fork", "fork"),
         ):
+            if name in strategy_registry:
+                continue
             strategy_registry.register(
                 name,
                 cls,

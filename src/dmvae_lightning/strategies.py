@@ -138,10 +138,7 @@ def register_strategies() -> None:
     """Register ``"fsdp2"`` (:class:`FSDP2Strategy` with its defaults) and the ``ddp_explicit``
     names in Lightning's ``StrategyRegistry``, so ``trainer.strategy: fsdp2`` / ``ddp_explicit``
     work. Idempotent; a name another package already registered is left alone."""
-    for name in ("ddp_explicit", "ddp_explicit_spawn", "ddp_explicit_fork"):
-        if name not in StrategyRegistry:
-            ExplicitDDPStrategy.register_strategies(StrategyRegistry)
-            break
+    ExplicitDDPStrategy.register_strategies(StrategyRegistry)
     if FSDP2 not in StrategyRegistry:
         StrategyRegistry.register(
             FSDP2,
