@@ -74,7 +74,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal, TypedDict, get_args
 
 import numpy as np
 import torch
@@ -107,7 +107,7 @@ __all__ = [
 ]
 
 OPTION = "data.init_args.reference"
-SOURCE_NAMES = (
+SourceName = Literal[
     "gaussian",
     "gmm",
     "sphere",
@@ -117,7 +117,8 @@ SOURCE_NAMES = (
     "text",
     "bank",
     "s_shape",
-)
+]
+SOURCE_NAMES: tuple[str, ...] = get_args(SourceName)
 
 
 class ReferenceSpec(TypedDict, total=False):
@@ -146,17 +147,7 @@ class ReferenceSpec(TypedDict, total=False):
       ``[2, 1, 1]`` and can be nothing else.
     """
 
-    name: Literal[
-        "gaussian",
-        "gmm",
-        "sphere",
-        "timm",
-        "checkpoint",
-        "diffusion_noise",
-        "text",
-        "bank",
-        "s_shape",
-    ]
+    name: SourceName
     shape: list[int]
     seed: int
     mean: float
