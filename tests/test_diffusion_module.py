@@ -370,9 +370,12 @@ def test_latent_cache_round_trip_and_fingerprint(tmp_path, tokenizer_ckpt, fashi
     assert images_out.shape == (2, 1, 32, 32)
 
 
-def test_cli_trains_on_latent_cache_and_rejects_a_stale_one(tmp_path, tokenizer_ckpt):
+@pytest.mark.parametrize("workers", [0, 1])
+def test_cli_trains_on_latent_cache_and_rejects_a_stale_one(tmp_path, tokenizer_ckpt, workers):
     """`data.dataset: latent_cache` feeds cached latents as batch["reference"]; a cache encoded by
-    another tokenizer checkpoint is refused before training, naming the option."""
+    another tokenizer checkpoint is refused before training, naming the option. With a loader
+    worker (persistent), the statistics pass over the whole epoch must not eat the epoch's
+    training batches (it did: the pass restarted the fit loop's own iterator)."""
     for split in ("train", "val"):
         latents_main(
             [
@@ -398,6 +401,7 @@ def test_cli_trains_on_latent_cache_and_rejects_a_stale_one(tmp_path, tokenizer_
         "--trainer.max_epochs=1",
         "--trainer.limit_train_batches=4",
         "--model.init_args.stats_batches=4",  # 4 x 8 = the whole 32-latent cache
+        f"--data.init_args.num_workers={workers}",
     ]
     cli = fit(tmp_path / "run", tokenizer_ckpt, *cache_args)
     assert int(cli.model.batch_count) == 4

@@ -52,6 +52,7 @@ called and what it must return; overriding one never requires copying another.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from collections.abc import Iterable
 from typing import Any, Literal, TypedDict
@@ -61,6 +62,7 @@ import torch
 import torchvision
 from lightning.pytorch.utilities import move_data_to_device, rank_zero_info
 from torch import nn
+from torch.utils.data import DataLoader
 
 from dmvae_lightning import flow
 from dmvae_lightning.distributed import broadcast_tensors
@@ -410,15 +412,26 @@ class LatentDiffusionModule(EMAInEvaluation, pl.LightningModule):
     def stats_dataloader(self) -> Iterable[Any]:
         """Called once at the start of ``fit`` when ``latent_mean`` / ``latent_scale`` are not
         known yet. Must return an iterable of batches (moved to the device as in training, so
-        the reference feeder runs). Default: the training loader of this ``fit`` (with
-        Lightning's distributed sampler, so each rank measures its own shard)."""
+        the reference feeder runs). Default: a copy of this ``fit``'s training loader (same
+        data set, batch size and a copy of its sampler, so each rank measures its own shard) in
+        the main process. Not the loader itself: with persistent workers a second iteration
+        restarts the iterator the fit loop is consuming, which silently shortened the first
+        epoch by the statistics batches (to nothing when the epoch is that short)."""
         loader = self.trainer.train_dataloader
-        if loader is None or isinstance(loader, dict | list | tuple):
+        if not isinstance(loader, DataLoader):
             raise TypeError(
                 "measuring latent statistics needs one training DataLoader; override "
                 "stats_dataloader() or set model.init_args.latent_mean and latent_scale."
             )
-        return loader
+        if loader.batch_size is None:  # a batch sampler of its own
+            batching: dict[str, Any] = {"batch_sampler": copy.copy(loader.batch_sampler)}
+        else:
+            batching = {
+                "batch_size": loader.batch_size,
+                "sampler": copy.copy(loader.sampler),
+                "drop_last": loader.drop_last,
+            }
+        return DataLoader(loader.dataset, collate_fn=loader.collate_fn, num_workers=0, **batching)
 
     @torch.no_grad()
     def measure_latent_stats(self, batches: Iterable[Any] | None = None) -> tuple[float, float]:
