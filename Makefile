@@ -10,7 +10,7 @@ RUNS ?= runs
 
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install data test demo lint format clean
+.PHONY: install data test demo study lint format clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,12 @@ format: install
 
 demo: install
 	$(PY) -m dmvae_lightning.demo --runs $(RUNS)
+
+# The reference-distribution study (paper Tables 1 and 2 at CPU scale); ARMS=a,b SEEDS=0,1,2 narrow it.
+ARMS ?=
+SEEDS ?= 0,1,2
+study: install
+	$(PY) -m dmvae_lightning.study --runs $(RUNS)/study --seeds $(SEEDS) $(if $(ARMS),--arms $(ARMS))
 
 clean:
 	rm -rf $(VENV) $(RUNS) .pytest_cache

@@ -58,10 +58,13 @@ def test_demo_runs_every_stage_skips_and_reports(demo_root, capsys, monkeypatch)
     rows = [line for line in table.splitlines() if line.startswith("| ") and "PSNR" not in line]
     metrics = [line.split("|")[2:7] for line in rows[: len(demo.VARIANTS)]]
     assert len(metrics) == len(demo.VARIANTS)
-    for psnr, rfid, gfid, mmd, swd in metrics:
+    for variant, (psnr, rfid, gfid, mmd, swd) in zip(demo.VARIANTS, metrics, strict=True):
         assert 5.0 < float(psnr) < 60.0
-        assert all(math.isfinite(float(v)) and float(v) >= -1e-6 for v in (rfid, gfid, swd))
-        assert math.isfinite(float(mmd))
+        assert all(math.isfinite(float(v)) and float(v) >= -1e-6 for v in (rfid, gfid))
+        if variant.aligned_space:
+            assert math.isfinite(float(mmd)) and float(swd) >= 0
+        else:  # the KL-VAE's latents share no coordinates with the reference
+            assert mmd.strip() == swd.strip() == "n/a"
     for name in ("reconstructions.png", *(f"samples_{v.key}.png" for v in demo.VARIANTS)):
         assert (out / name).stat().st_size > 0
 

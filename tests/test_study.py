@@ -1,0 +1,124 @@
+"""The reference study driver (``dmvae_lightning.study``): arms, shared stages, resume, report.
+
+``--quick`` runs every stage for a few batches; the numbers are meaningless as results, but the
+checks below are ones a broken pipeline fails: the KL arm's posterior KL is finite and positive,
+an aligned arm's latents are closer to its reference than the weight-0 ablation's, every seed
+trained its own generator, and a second run trains nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from dmvae_lightning import study
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_shipped_arm_loads_and_names_known_stages():
+    arms = study.load_arms(ROOT / study.ARMS_DIR)
+    keys = {a.key for a in arms}
+    # the paper's Table 1 rows and Table 2 ablations are all there
+    assert {"kl_vae", "ae", "stage1", "dmvae_supervised", "dmvae_ssl", "gaussian", "gmm"} <= keys
+    assert {"sphere", "text", "diffusion_noise", "ablation", "dmd_w1", "dmd_w20"} <= keys
+    assert {"cfg3", "cfg5", "scorenet_wide"} <= keys
+    for arm in arms:
+        assert arm.table in (1, 2)
+        if arm.reference is not None:
+            ref = study.REFERENCES[arm.reference]
+            assert ref.tokenizer in study.SHARED and ref.model in study.SHARED
+        if arm.ablation is not None:
+            assert arm.ablation in keys
+        for stage in arm.tokenizer:
+            assert (ROOT / study.CONFIGS / stage["config"]).is_file()
+
+
+def test_arm_file_errors_name_the_problem(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("title: x\nreference: nowhere\ntokenizer: []\n")
+    with pytest.raises(ValueError, match="nowhere"):
+        study.Arm.from_file(bad)
+    bad.write_text("title: x\nreference: supervised\nmatching: 3\n")
+    with pytest.raises(ValueError, match="unknown key"):
+        study.Arm.from_file(bad)
+    bad.write_text("title: x\nreference: null\ntokenizer: []\n")
+    with pytest.raises(ValueError, match="from: scratch"):
+        study.Arm.from_file(bad)
+    with pytest.raises(ValueError, match="unknown arm"):
+        study.load_arms(ROOT / study.ARMS_DIR, names=["no_such_arm"])
+
+
+def test_summary_is_mean_and_sample_std():
+    rows = [{"seed": 0, "gfid": 1.0}, {"seed": 1, "gfid": 2.0}, {"seed": 2, "gfid": 4.0}]
+    s = study.summarize(rows)
+    assert s["gfid_mean"] == pytest.approx(7 / 3)
+    assert s["gfid_std"] == pytest.approx(
+        math.sqrt(((1 - 7 / 3) ** 2 + (2 - 7 / 3) ** 2 + (4 - 7 / 3) ** 2) / 2)
+    )
+
+
+def test_linear_probe_separates_separable_classes_and_not_noise():
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(600) % 3
+    centers = torch.randn(3, 16, generator=g) * 3
+    z = centers[y] + torch.randn(600, 16, generator=g)
+    assert study.linear_probe(z[:400], y[:400], z[400:], y[400:]) > 0.95
+    noise = torch.randn(600, 16, generator=g)
+    assert study.linear_probe(noise[:400], y[:400], noise[400:], y[400:]) < 0.5
+
+
+def test_quick_study_end_to_end_and_resume(tmp_path, monkeypatch, fashion_mnist_root):
+    monkeypatch.chdir(ROOT)
+    arms = ["kl_vae", "gaussian", "ablation"]
+    runs = tmp_path / "study"
+    report = study.main(
+        ["--quick", "--runs", str(runs), "--seeds", "0,1", "--arms", ",".join(arms)]
+    )
+    rows = {r["key"]: r for r in report["arms"]}
+    assert list(rows) == arms  # table order
+    for key, row in rows.items():
+        gens = row["generators"]
+        assert [g["seed"] for g in gens] == [0, 1]
+        for g in gens:
+            assert math.isfinite(g["gfid"]) and g["gfid"] > 0
+            assert 1.0 - 1e-9 <= g["is"] <= 10.0  # Inception-style score over 10 classes
+            assert math.isfinite(g["fm_loss"]) and g["fm_loss"] > 0
+        assert gens[0]["gfid"] != gens[1]["gfid"]  # two generators, not one evaluated twice
+        assert (runs / "arms" / key / "generator_seed1.ckpt").is_file()
+        tok = row["tokenizer"]
+        assert 0.0 <= tok["probe_acc"] <= 1.0 and tok["psnr"] > 5
+    kl = rows["kl_vae"]["tokenizer"]["posterior_kl"]
+    assert math.isfinite(kl) and kl > 0
+    assert "posterior_kl" not in rows["ablation"]["tokenizer"]
+    # the aligned arm sits closer to its reference than the weight-0 ablation's latents do
+    tok = rows["gaussian"]["tokenizer"]
+    assert tok["swd"] < tok["ablation_swd"] and tok["mmd"] < tok["ablation_mmd"], tok
+    # stages shared between arms were trained once
+    shared = sorted(p.name for p in (runs / "shared").glob("*.ckpt"))
+    assert shared == [
+        "classifier.ckpt",
+        "fid_net.ckpt",
+        "reference_gaussian.ckpt",
+        "reference_supervised.ckpt",
+        "tokenizer_supervised.ckpt",
+    ]
+    md = (runs / "study.md").read_text()
+    assert "### Table 1" in md and md.count("| DMVAE") == 1 and " ± " in md
+    saved = json.loads((runs / "study.json").read_text())
+    assert [r["key"] for r in saved["arms"]] == arms
+    for fig in ("gfid.png", "psnr_vs_gfid.png", "latent_pca.png"):
+        assert (runs / "figures" / fig).stat().st_size > 1000
+    assert any((runs / "tb" / "summary").iterdir())
+
+    # resumable: a finished study trains nothing again; a lost seed result retrains one generator
+    (runs / "arms" / "gaussian" / "result.json").unlink()
+    (runs / "arms" / "gaussian" / "generator_seed1.json").unlink()
+    (runs / "arms" / "gaussian" / "generator_seed1.ckpt").unlink()
+    again = study.Study(runs, seeds=[0, 1], quick=True)
+    again.run(study.load_arms(names=arms))
+    assert list(again.timings) == ["gaussian/generator_seed1"]
