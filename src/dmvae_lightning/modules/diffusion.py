@@ -68,6 +68,7 @@ from dmvae_lightning.ema import EMA
 from dmvae_lightning.latents import load_frozen_tokenizer
 from dmvae_lightning.modules.common import EMAInEvaluation, linear_warmup
 from dmvae_lightning.nets.dit import DiT
+from dmvae_lightning.nonfinite import NonFiniteGuard, NonFiniteSpec
 from dmvae_lightning.utils.rng import step_rng, step_seed
 
 __all__ = ["DiTSpec", "LatentDiffusionModule"]
@@ -134,6 +135,9 @@ class LatentDiffusionModule(EMAInEvaluation, pl.LightningModule):
             gathered weights after its forward and gather them again for the backward (True,
             least memory), or keep them until the backward (False: one all-gather per block and
             step fewer, the gathered blocks' memory held in between). Ignored otherwise.
+        nonfinite: :class:`~dmvae_lightning.nonfinite.NonFiniteSpec`: a NaN / inf loss or
+            gradient stops the run (``mode: stop``, default) or skips the step (``mode: skip``,
+            counted, up to ``max_skips``). A checkpoint with non-finite tensors is never written.
     """
 
     def __init__(
@@ -168,10 +172,13 @@ class LatentDiffusionModule(EMAInEvaluation, pl.LightningModule):
         compile: bool = False,
         compile_backend: str = "inductor",
         fsdp_reshard_after_forward: bool = True,
+        nonfinite: NonFiniteSpec | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self._check_arguments()
+        self.nonfinite_guard = NonFiniteGuard.from_spec(nonfinite)
+        self._skip_step = False
         self.register_buffer("batch_count", torch.zeros((), dtype=torch.long))
         mean = 0.0 if latent_mean is None else float(latent_mean)
         self.register_buffer("latent_mean", torch.tensor(mean, dtype=torch.float32))
@@ -518,11 +525,39 @@ class LatentDiffusionModule(EMAInEvaluation, pl.LightningModule):
             x = self.normalize(self.get_latents(batch))
             y = self.get_labels(batch, x.shape[0])
             loss, logs = self.training_loss(x, y)
+        # stop mode raises here; skip mode lets the backward run and drops the gradients in
+        # on_before_optimizer_step (returning None is refused under DDP)
+        if not self.nonfinite_guard.check_step(self, step, "DiT", loss, logs):
+            self._skip_step = True
+        if self.nonfinite_guard.skips:
+            logs["train/nonfinite_skips"] = torch.tensor(float(self.nonfinite_guard.skips))
         self.batch_count += 1
         logs["train/lr"] = torch.tensor(self.trainer.optimizers[0].param_groups[0]["lr"])
         self.log_dict(logs, on_step=True, on_epoch=False, batch_size=x.shape[0])
         self.log("loss", loss.detach(), prog_bar=True, on_step=True, batch_size=x.shape[0])
         return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Skip the step (every gradient set to None: AdamW then leaves weights and state as they
+        are) after a non-finite loss in skip mode, or when a gradient is non-finite
+        (``nonfinite``)."""
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        step = int(self.batch_count) - 1
+        if self._skip_step or not self.nonfinite_guard.check_step(
+            self, step, "DiT", None, None, params
+        ):
+            for p in params:
+                p.grad = None
+        self._skip_step = False
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse to write a checkpoint with non-finite tensors (``nonfinite``); keep the count
+        of skipped steps."""
+        self.nonfinite_guard.check_checkpoint(checkpoint, self._trainer)
+        checkpoint["nonfinite_skips"] = self.nonfinite_guard.skips
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.nonfinite_guard.skips = int(checkpoint.get("nonfinite_skips", 0))
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         """The optimizer step, then the EMA update (once per step, also with accumulation)."""
