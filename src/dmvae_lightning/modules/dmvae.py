@@ -70,7 +70,7 @@ from dmvae_lightning.ema import EMA
 from dmvae_lightning.losses.adversarial import AdversarialLoss
 from dmvae_lightning.losses.matching import DMDLoss, GaussianKLLoss
 from dmvae_lightning.losses.reconstruction import ReconstructionLoss
-from dmvae_lightning.modules.common import EMAInEvaluation, linear_warmup
+from dmvae_lightning.modules.common import EMAInEvaluation, linear_warmup, torch_load
 from dmvae_lightning.nets.decoder import Decoder
 from dmvae_lightning.nets.discriminator import PatchDiscriminator
 from dmvae_lightning.nets.encoders import MLPBottleneck, build_encoder
@@ -403,7 +403,7 @@ class DMVAEModule(EMAInEvaluation, pl.LightningModule):
                 f"model.init_args.init_from: checkpoint {str(file)!r} does not exist; train the "
                 "previous stage first or fix the path."
             )
-        state = torch.load(file, map_location="cpu", weights_only=True)
+        state = torch_load(file, "model.init_args.init_from", map_location="cpu")
         state = state.get("state_dict", state)
         tok = {k[len("tokenizer.") :]: v for k, v in state.items() if k.startswith("tokenizer.")}
         if not tok:
