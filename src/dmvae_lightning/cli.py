@@ -321,6 +321,7 @@ def main(args: ArgsType = None, run: bool = True) -> LightningCLI | None:
             trainer_defaults={"callbacks": [SynchronizedRequeue()]},
             auto_configure_optimizers=False,
             parser_class=DMVAEArgumentParser,
+            parser_kwargs={"prog": "dmvae"},
             args=args,
             run=run,
         )
