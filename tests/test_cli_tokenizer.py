@@ -65,9 +65,21 @@ def test_fit_trains_and_reconstruction_improves(tmp_path):
 
 
 def test_rerun_in_same_dir_overwrites_config(tmp_path):
-    fit(tmp_path, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2")
-    fit(tmp_path, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2")
-    assert list(tmp_path.rglob("config.yaml"))
+    """Without a logger both runs save config.yaml in the same folder: the rerun does not fail
+    on the existing file and the file then holds the second run's settings."""
+    import yaml
+
+    common = ["--trainer.max_epochs", "1", "--trainer.logger", "false"]
+    fit(tmp_path, *common, "--trainer.limit_train_batches", "2")
+    first = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert first["trainer"]["limit_train_batches"] == 2
+    assert first["model"]["init_args"]["lr"] == pytest.approx(1e-3)
+    fit(tmp_path, *common, "--trainer.limit_train_batches", "1", "--model.init_args.lr", "2e-3")
+    assert [p.relative_to(tmp_path) for p in tmp_path.rglob("config.yaml")] == [Path("config.yaml")]
+    second = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert second["trainer"]["limit_train_batches"] == 1
+    assert second["model"]["init_args"]["lr"] == pytest.approx(2e-3)
+    assert second["trainer"]["default_root_dir"] == str(tmp_path)
 
 
 def _final_state(root: Path) -> dict:
