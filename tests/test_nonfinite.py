@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from dmvae_lightning.cli import main
 from dmvae_lightning.modules.diffusion import LatentDiffusionModule
+from dmvae_lightning.modules.dmvae import DMVAEModule
 from dmvae_lightning.nonfinite import NonFiniteError, NonFiniteGuard
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -184,3 +185,48 @@ def test_guard_spec_is_checked():
     with pytest.raises(ValueError, match="unknown keys"):
         NonFiniteGuard.from_spec({"mod": "skip"})
     assert NonFiniteGuard.from_spec(None).mode == "stop"
+
+
+class NaNDiscriminatorModule(DMVAEModule):
+    """DMVAEModule whose discriminator loss is NaN from batch 2 on (its generator is fine)."""
+
+    def discriminator_loss(self, x, x_rec):
+        loss, logs = super().discriminator_loss(x, x_rec)
+        if int(self.batch_count) >= 2:
+            loss = loss * float("nan")
+            logs["train/d_loss"] = loss.detach()
+        return loss, logs
+
+
+def _nan_discriminator_args(tmp_path: Path, mode: str) -> list[str]:
+    return [
+        "fit",
+        "--config",
+        str(CONFIGS / "tokenizer_tiny.yaml"),
+        "--model.class_path",
+        f"{__name__}.NaNDiscriminatorModule",
+        "--model.init_args.disc_start",
+        "0",
+        "--model.init_args.nonfinite",
+        f"{{mode: {mode}, max_skips: 10}}",
+        "--trainer.default_root_dir",
+        str(tmp_path),
+        "--trainer.logger",
+        "false",
+    ]
+
+
+def test_discriminator_step_is_guarded(tmp_path, fashion_mnist_root):
+    """Stop mode names the discriminator step and the term; skip mode skips exactly the
+    discriminator steps of batches 2..5 (its weights stay as after batch 1) while the
+    generator keeps training."""
+    with pytest.raises(NonFiniteError, match=r"^batch 2, discriminator step: .*train/d_loss"):
+        main(_nan_discriminator_args(tmp_path / "stop", "stop"))
+    cli = main(_nan_discriminator_args(tmp_path / "skip", "skip"))
+    model = cli.model
+    assert model.nonfinite_guard.skips == 4 and int(model.batch_count) == 6
+    opt_g, opt_d = cli.trainer.optimizers
+    steps = [{int(s["step"]) for s in opt.state.values()} for opt in (opt_g, opt_d)]
+    assert steps == [{6}, {2}]
+    for path in checkpoints(tmp_path / "skip"):
+        assert not _nonfinite_tensors(path), path
