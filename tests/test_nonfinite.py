@@ -7,7 +7,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import checkpoints
+from helpers import checkpoints, run_ranks
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, Dataset
 
@@ -230,3 +230,25 @@ def test_discriminator_step_is_guarded(tmp_path, fashion_mnist_root):
     assert steps == [{6}, {2}]
     for path in checkpoints(tmp_path / "skip"):
         assert not _nonfinite_tensors(path), path
+
+
+def _rank_decisions(rank: int, world: int) -> dict:
+    """Rank 0's gradient holds a NaN, rank 1's is finite (as a sharded gradient can be)."""
+    net = torch.nn.Linear(2, 1)
+    net.weight.grad = torch.tensor([[float("nan") if rank == 0 else 1.0, 0.0]])
+    skip = NonFiniteGuard("skip").check_step(net, 7, "test", None, None, net.parameters())
+    try:
+        NonFiniteGuard("stop").check_step(net, 7, "test", None, None, net.parameters())
+        stopped = ""
+    except NonFiniteError as err:
+        stopped = str(err)
+    return {"stepped": skip, "stopped": stopped}
+
+
+def test_ranks_take_the_same_decision(tmp_path):
+    """2 ranks, a NaN gradient on rank 0 only: both skip (skip mode) and both stop (stop mode),
+    rank 1 saying the problem is on another rank."""
+    outs = run_ranks(_rank_decisions, tmp_path)
+    assert [o["stepped"] for o in outs] == [False, False]
+    assert "non-finite gradients in 1 parameter(s) (weight)" in outs[0]["stopped"]
+    assert "on another rank" in outs[1]["stopped"]

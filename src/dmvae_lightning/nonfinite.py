@@ -52,14 +52,31 @@ def _is_finite(value: Any) -> bool:
     return True
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t  # a DTensor's own shard (FSDP2)
+
+
 def nonfinite_grads(params: Iterable[nn.Parameter]) -> list[torch.Tensor]:
-    """The gradients among ``params`` holding a NaN or inf (one fused reduction, one sync)."""
+    """The gradients among ``params`` holding a NaN or inf (one fused reduction, one sync;
+    a sharded gradient is checked on this rank's shard)."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return []
-    norms = torch._foreach_norm(grads, float("inf"))
-    bad = ~torch.isfinite(torch.stack([n.float() for n in norms]))
+    norms = torch._foreach_norm([_local(g) for g in grads], float("inf"))
+    bad = ~torch.isfinite(torch.stack([n.float().to(norms[0].device) for n in norms]))
     return [g for g, b in zip(grads, bad.tolist(), strict=True) if b]
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """``flag`` OR-ed over the ranks when torch.distributed runs with several ranks (every rank
+    must take the same decision: skip / stop on one rank only would desynchronise or hang)."""
+    from dmvae_lightning.distributed import is_distributed
+
+    if not is_distributed():
+        return flag
+    value = torch.tensor([float(flag)], device=device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())
 
 
 def last_checkpoint(trainer: Any) -> str | None:
@@ -147,8 +164,8 @@ class NonFiniteGuard:
             bad_terms = ["loss"]
         bad_grads: list[str] = []
         trainer = getattr(module, "_trainer", None)
-        if not bad_terms and params is not None and not _uses_grad_scaler(trainer):
-            params = list(params)
+        params = list(params or [])
+        if not bad_terms and params and not _uses_grad_scaler(trainer):
             bad = {id(g) for g in nonfinite_grads(params)}
             if bad:
                 names = {id(p): n for n, p in module.named_parameters()}
@@ -157,10 +174,13 @@ class NonFiniteGuard:
                     for p in params
                     if p.grad is not None and id(p.grad) in bad
                 ]
-        if not bad_terms and not bad_grads:
+        device = loss.device if loss is not None else params[0].device if params else "cpu"
+        if not _any_rank(bool(bad_terms or bad_grads), torch.device(device)):
             return True
         if bad_terms:
             problem = "non-finite loss term(s) " + ", ".join(bad_terms)
+        elif not bad_grads:
+            problem = "a non-finite loss or gradient on another rank"
         else:
             shown = ", ".join(bad_grads[:3]) + (" ..." if len(bad_grads) > 3 else "")
             problem = f"non-finite gradients in {len(bad_grads)} parameter(s) ({shown})"

@@ -178,7 +178,7 @@ class LatentDiffusionModule(EMAInEvaluation, pl.LightningModule):
         self.save_hyperparameters()
         self._check_arguments()
         self.nonfinite_guard = NonFiniteGuard.from_spec(nonfinite)
-        self._skip_step = False
+        self._last_loss: tuple[int, torch.Tensor, dict[str, Any]] | None = None
         self.register_buffer("batch_count", torch.zeros((), dtype=torch.long))
         mean = 0.0 if latent_mean is None else float(latent_mean)
         self.register_buffer("latent_mean", torch.tensor(mean, dtype=torch.float32))
@@ -525,10 +525,9 @@ class LatentDiffusionModule(EMAInEvaluation, pl.LightningModule):
             x = self.normalize(self.get_latents(batch))
             y = self.get_labels(batch, x.shape[0])
             loss, logs = self.training_loss(x, y)
-        # stop mode raises here; skip mode lets the backward run and drops the gradients in
-        # on_before_optimizer_step (returning None is refused under DDP)
-        if not self.nonfinite_guard.check_step(self, step, "DiT", loss, logs):
-            self._skip_step = True
+        # checked after the backward (on_before_optimizer_step), when every rank gets there: a
+        # skipped step drops the gradients (returning None is refused under DDP)
+        self._last_loss = (step, loss.detach(), dict(logs))
         if self.nonfinite_guard.skips:
             logs["train/nonfinite_skips"] = torch.tensor(float(self.nonfinite_guard.skips))
         self.batch_count += 1
@@ -538,17 +537,15 @@ class LatentDiffusionModule(EMAInEvaluation, pl.LightningModule):
         return loss
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Skip the step (every gradient set to None: AdamW then leaves weights and state as they
-        are) after a non-finite loss in skip mode, or when a gradient is non-finite
-        (``nonfinite``)."""
+        """The non-finite check (``nonfinite``) of the loss logged by the last training step and
+        of the gradients: stop, or skip the step (every gradient set to None: AdamW then leaves
+        weights and state as they are)."""
         params = [p for group in optimizer.param_groups for p in group["params"]]
-        step = int(self.batch_count) - 1
-        if self._skip_step or not self.nonfinite_guard.check_step(
-            self, step, "DiT", None, None, params
-        ):
+        step, loss, logs = self._last_loss or (int(self.batch_count) - 1, None, None)
+        self._last_loss = None
+        if not self.nonfinite_guard.check_step(self, step, "DiT", loss, logs, params):
             for p in params:
                 p.grad = None
-        self._skip_step = False
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse to write a checkpoint with non-finite tensors (``nonfinite``); keep the count
