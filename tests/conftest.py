@@ -1,6 +1,7 @@
 """Shared fixtures: every test runs offline, with a private TORCH_HOME, in its own working
 directory (relative paths of shipped configs, e.g. ``runs/...``, land under tmp_path). The session
-fails when it leaves new files in the repository tree (``git status --ignored`` before / after).
+fails when it leaves new files in the repository tree (``git status --ignored`` before / after;
+untracked and ignored entries only).
 """
 
 from __future__ import annotations
@@ -58,10 +59,12 @@ def _repo_status() -> set[str] | None:
         return None
     if out.returncode != 0:
         return None
-    return {
-        line
+    return {  # new files only (untracked "??" or ignored "!!"): edits made during a run are not
+        line  # the tests' doing
         for line in out.stdout.splitlines()
-        if not any(part in line for part in _TOOL_CACHES) and not line.endswith(".venv/")
+        if line[:2] in ("??", "!!")
+        and not any(part in line for part in _TOOL_CACHES)
+        and not line.endswith(".venv/")
     }
 
 

@@ -18,6 +18,10 @@ never replace a good file by a broken one.
 
 Under a fp16 ``GradScaler`` (``precision: 16-mixed``) infinite gradients are the scaler's normal
 business (it skips those steps itself): only the loss is checked then.
+
+Cost: one fused gradient-norm reduction and one device sync per optimizer step (plus, with
+several ranks, one all-reduce of a flag, so that every rank skips or stops together; sharded
+FSDP2 gradients are checked shard by shard).
 """
 
 from __future__ import annotations
@@ -56,27 +60,10 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t  # a DTensor's own shard (FSDP2)
 
 
-def nonfinite_grads(params: Iterable[nn.Parameter]) -> list[torch.Tensor]:
-    """The gradients among ``params`` holding a NaN or inf (one fused reduction, one sync;
-    a sharded gradient is checked on this rank's shard)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return []
-    norms = torch._foreach_norm([_local(g) for g in grads], float("inf"))
-    bad = ~torch.isfinite(torch.stack([n.float().to(norms[0].device) for n in norms]))
-    return [g for g, b in zip(grads, bad.tolist(), strict=True) if b]
-
-
-def _any_rank(flag: bool, device: torch.device) -> bool:
-    """``flag`` OR-ed over the ranks when torch.distributed runs with several ranks (every rank
-    must take the same decision: skip / stop on one rank only would desynchronise or hang)."""
+def _distributed() -> bool:
     from dmvae_lightning.distributed import is_distributed
 
-    if not is_distributed():
-        return flag
-    value = torch.tensor([float(flag)], device=device)
-    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
-    return bool(value.item())
+    return is_distributed()
 
 
 def last_checkpoint(trainer: Any) -> str | None:
@@ -159,24 +146,43 @@ class NonFiniteGuard:
         mode or past ``max_skips``."""
         if not self.active:
             return True
-        bad_terms = [k for k, v in (logs or {}).items() if not _is_finite(v)]
-        if loss is not None and not _is_finite(loss.detach()) and not bad_terms:
-            bad_terms = ["loss"]
-        bad_grads: list[str] = []
         trainer = getattr(module, "_trainer", None)
-        params = list(params or [])
-        if not bad_terms and params and not _uses_grad_scaler(trainer):
-            bad = {id(g) for g in nonfinite_grads(params)}
-            if bad:
-                names = {id(p): n for n, p in module.named_parameters()}
-                bad_grads = [
-                    names.get(id(p), "?")
-                    for p in params
-                    if p.grad is not None and id(p.grad) in bad
-                ]
+        terms = {k: v for k, v in (logs or {}).items() if isinstance(v, (torch.Tensor, float))}
+        if loss is not None:
+            terms.setdefault("loss", loss.detach())
+        params = [p for p in (params or []) if p.grad is not None]
+        if _uses_grad_scaler(trainer):
+            params = []  # inf gradients are the GradScaler's business
         device = loss.device if loss is not None else params[0].device if params else "cpu"
-        if not _any_rank(bool(bad_terms or bad_grads), torch.device(device)):
+        # every check in one vector, read back with one device sync
+        flags = [
+            torch.isfinite(torch.as_tensor(_local(v), device=device)).all() for v in terms.values()
+        ]
+        if params:
+            norms = torch._foreach_norm([_local(p.grad) for p in params], float("inf"))
+            flags += [torch.isfinite(n).to(device) for n in norms]
+        if not flags:
             return True
+        ok = torch.stack(flags)
+        bad_any = (~ok).any().float().reshape(1)
+        if _distributed():  # one decision on every rank: a skip or stop on one rank only hangs
+            torch.distributed.all_reduce(bad_any, op=torch.distributed.ReduceOp.MAX)
+        values = torch.cat([ok.float(), bad_any]).tolist()
+        if not values[-1]:
+            return True
+        names = list(terms)
+        bad_terms = [k for k, good in zip(names, values, strict=False) if not good]
+        if len(bad_terms) > 1 and "loss" in bad_terms:
+            bad_terms.remove("loss")  # the logged terms say more
+        grad_ok = values[len(names) : -1]
+        bad_grads: list[str] = []
+        if not bad_terms and params:
+            param_names = {id(p): n for n, p in module.named_parameters()}
+            bad_grads = [
+                param_names.get(id(p), "?")
+                for p, good in zip(params, grad_ok, strict=True)
+                if not good
+            ]
         if bad_terms:
             problem = "non-finite loss term(s) " + ", ".join(bad_terms)
         elif not bad_grads:
