@@ -1,8 +1,13 @@
-"""Shared fixtures: every test runs offline with a private TORCH_HOME."""
+"""Shared fixtures: every test runs offline, with a private TORCH_HOME, in its own working
+directory (relative paths of shipped configs, e.g. ``runs/...``, land under tmp_path). The session
+fails when it leaves new files in the repository tree (``git status --ignored`` before / after;
+untracked and ignored entries only).
+"""
 
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -23,11 +28,63 @@ FASHION_MNIST_FILES = (
 )
 
 
+REPO = Path(__file__).resolve().parent.parent
+# written by Python and the tools themselves, not by the code under test
+_TOOL_CACHES = ("__pycache__", ".pytest_cache", ".ruff_cache", ".egg-info")
+_STATUS_KEY = pytest.StashKey[set | None]()
+
+
 @pytest.fixture(autouse=True)
 def _offline_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    """No hub access, and torch.hub / download caches under this test's tmp_path."""
+    """No hub access, torch.hub / download caches under this test's tmp_path, and the working
+    directory there too."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+
+
+def _repo_status() -> set[str] | None:
+    """``git status --porcelain --ignored`` lines of the repository (None outside a git
+    checkout), without the tool caches."""
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(REPO), "status", "--porcelain", "--ignored", "--untracked-files=all"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return {  # new files only (untracked "??" or ignored "!!"): edits made during a run are not
+        line  # the tests' doing
+        for line in out.stdout.splitlines()
+        if line[:2] in ("??", "!!")
+        and not any(part in line for part in _TOOL_CACHES)
+        and not line.endswith(".venv/")
+    }
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config.stash[_STATUS_KEY] = _repo_status()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    before = session.config.stash.get(_STATUS_KEY, None)
+    after = _repo_status() if before is not None else None
+    if before is None or after is None:
+        return
+    new = sorted(after - before)
+    if new:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(
+                "tests wrote into the repository tree (git status): " + ", ".join(new), red=True
+            )
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(scope="session")

@@ -4,12 +4,14 @@ the option to fix."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
 import torch
 from helpers import SaveAtBatch, assert_same, checkpoints
 
+from dmvae_lightning import flow
 from dmvae_lightning.cli import main
 from dmvae_lightning.losses.matching import DMDLoss, MMDLoss
 from dmvae_lightning.modules.dmvae import DMVAEModule
@@ -96,19 +98,114 @@ def test_real_model_and_frozen_buffers_unchanged_fake_and_encoder_train(tmp_path
     assert not [k for k in model.state_dict() if k.startswith("ema.matching_loss")]
 
 
+def _one_vae_batch(root: Path, ckpts: dict[str, str], weight: float) -> tuple[dict, DMVAEModule]:
+    """One training batch (a VAE step: GAN with DiffAug on, disc_start 0) of the alignment
+    config with ``matching_weight`` ``weight``. Returns what the step saw: the raw latents ``z``
+    of the generator forward and the generator loss's gradient ``grad`` w.r.t. them, and, with
+    a DMD term, the normalised latents, labels and draws ``t``, ``eps`` the DMD loss used."""
+    cli = build(
+        root,
+        ckpts,
+        "--model.init_args.matching_weight",
+        str(weight),
+        "--model.init_args.vae_every",
+        "1",
+        "--trainer.limit_train_batches",
+        "1",
+        "--trainer.limit_val_batches",
+        "0",
+    )
+    model, loss = cli.model, cli.model.matching_loss
+    with torch.no_grad():  # a fake that differs from the real model (else g = 0 at step 0)
+        gen = torch.Generator().manual_seed(1)
+        for p in loss.fake.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    seen: dict = {}
+    encode, dmd, draw = model.encode, loss.loss, loss._draw
+
+    def spy_encode(x):
+        z = encode(x)
+        if z.requires_grad and "z" not in seen:
+            seen["z"] = z.detach().clone()
+            z.register_hook(lambda g: seen.setdefault("grad", g.clone()))
+        return z
+
+    def spy_loss(z, labels=None, *args, **kwargs):
+        seen["zn"], seen["labels"] = z.detach().clone(), labels
+        seen["fake"] = copy.deepcopy(loss.fake)  # the fake model steps later in this batch
+        return dmd(z, labels, *args, **kwargs)
+
+    def spy_draw(*args, **kwargs):
+        t, eps, lo, hi = draw(*args, **kwargs)
+        seen["t"], seen["eps"] = t.clone(), eps.clone()
+        return t, eps, lo, hi
+
+    model.encode, loss.loss, loss._draw = spy_encode, spy_loss, spy_draw
+    cli.trainer.fit(model, datamodule=cli.datamodule)
+    return seen, model
+
+
 def test_dmd_gradient_reaches_the_encoder(tmp_path, stage_ckpts):
-    """The matching term changes the VAE update: with matching_weight 10 vs 0 (same seed, same
-    batches) the encoder ends elsewhere, and with weight 0 no fake optimizer exists."""
-    a = build(tmp_path / "a", stage_ckpts)
-    a.trainer.fit(a.model, datamodule=a.datamodule)
+    """The generator loss's gradient at the encoder latents, with matching weight w = 10 minus
+    with w = 0 (same weights, batch, GAN, DiffAug and seeds), is exactly the DMD surrogate
+    gradient w x latent_scale x g / numel, g = nan_to_num((x_fake - x_real) / mean|z - x_real|)
+    from the real and fake models at the DMD loss's own draws. (The encoder update is this
+    gradient back-propagated: a zeroed or sign-flipped DMD term fails here.)"""
+    weight = 10.0
+    on, model = _one_vae_batch(tmp_path / "on", stage_ckpts, weight)
+    off, _ = _one_vae_batch(tmp_path / "off", stage_ckpts, 0.0)
+    assert torch.equal(on["z"], off["z"])  # same starting point
+    loss = model.matching_loss
+    scale = float(loss.latent_scale)
+    assert scale != 1.0  # the chain rule through normalize() is exercised
+    zn = on["zn"]
+    torch.testing.assert_close(zn, loss.normalize(on["z"]))
+    t, eps, labels = on["t"], on["eps"], on["labels"]
+    with torch.no_grad():
+        z_t = flow.interpolate(zn, eps, t)
+        x_real = flow.velocity_to_x1(z_t, t, loss.guided_velocity(loss.real, z_t, t, labels))
+        x_fake = flow.velocity_to_x1(z_t, t, loss.guided_velocity(on["fake"], z_t, t, labels))
+        g = torch.nan_to_num((x_fake - x_real) / (zn - x_real).abs().mean((1, 2, 3), keepdim=True))
+    expected = weight * scale * g / zn.numel()
+    difference = on["grad"] - off["grad"]
+    assert expected.abs().max() > 0.1 * off["grad"].abs().max()  # not lost in the other terms
+    torch.testing.assert_close(difference, expected, rtol=1e-3, atol=1e-4 * expected.abs().max())
+
+
+def test_matching_weight_zero_trains_no_fake_model(tmp_path, stage_ckpts):
     b = build(tmp_path / "b", stage_ckpts, "--model.init_args.matching_weight", "0")
     b.trainer.fit(b.model, datamodule=b.datamodule)
-    assert len(b.trainer.optimizers) == 2 and len(a.trainer.optimizers) == 3
+    assert len(b.trainer.optimizers) == 2
     fake_b = b.model.matching_loss.fake.state_dict()
     assert_same(b.model.matching_loss.real.state_dict(), fake_b)  # never trained
-    wa = a.model.tokenizer.bottleneck.mlp[2].weight
-    wb = b.model.tokenizer.bottleneck.mlp[2].weight
-    assert (wa - wb).abs().max() > 1e-6
+
+
+def test_fake_model_trains_on_normalized_stop_gradient_latents(tmp_path, stage_ckpts):
+    """On every batch (encode-only batches 0, 1 and the VAE step 2) the fake score model's
+    flow-matching loss gets exactly ``normalize(z)`` of that batch's latents, without a graph
+    back to the encoder."""
+    cli = build(tmp_path, stage_ckpts, "--trainer.limit_train_batches", "3")
+    model, loss = cli.model, cli.model.matching_loss
+    assert float(loss.latent_scale) != 1.0 or float(loss.latent_mean) != 0.0
+    latents: list[torch.Tensor] = []
+    given: list[tuple[torch.Tensor, torch.Tensor, bool]] = []
+    encode, fake_loss = model.encode, loss.fake_loss
+
+    def spy_encode(x):
+        z = encode(x)
+        latents.append(z.detach().clone())
+        return z
+
+    def spy_fake_loss(z, labels=None):
+        given.append((z.detach().clone(), latents[-1], z.requires_grad))
+        return fake_loss(z, labels)
+
+    model.encode, loss.fake_loss = spy_encode, spy_fake_loss
+    cli.trainer.fit(model, datamodule=cli.datamodule)
+    assert len(given) == 3
+    for value, z, requires_grad in given:
+        assert not requires_grad
+        assert torch.equal(value, loss.normalize(z))
 
 
 def test_kill_and_resume_is_exact(tmp_path, stage_ckpts):

@@ -65,9 +65,21 @@ def test_fit_trains_and_reconstruction_improves(tmp_path):
 
 
 def test_rerun_in_same_dir_overwrites_config(tmp_path):
-    fit(tmp_path, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2")
-    fit(tmp_path, "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2")
-    assert list(tmp_path.rglob("config.yaml"))
+    """Without a logger both runs save config.yaml in the same folder: the rerun does not fail
+    on the existing file and the file then holds the second run's settings."""
+    import yaml
+
+    common = ["--trainer.max_epochs", "1", "--trainer.logger", "false"]
+    fit(tmp_path, *common, "--trainer.limit_train_batches", "2")
+    first = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert first["trainer"]["limit_train_batches"] == 2
+    assert first["model"]["init_args"]["lr"] == pytest.approx(1e-3)
+    fit(tmp_path, *common, "--trainer.limit_train_batches", "1", "--model.init_args.lr", "2e-3")
+    assert [p.relative_to(tmp_path) for p in tmp_path.rglob("config.yaml")] == [Path("config.yaml")]
+    second = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert second["trainer"]["limit_train_batches"] == 1
+    assert second["model"]["init_args"]["lr"] == pytest.approx(2e-3)
+    assert second["trainer"]["default_root_dir"] == str(tmp_path)
 
 
 def _final_state(root: Path) -> dict:
@@ -225,23 +237,36 @@ def test_frozen_timm_encoder_trains_only_bottleneck_and_decoder(tmp_path):
 class _WeightsSeenInValidation(pl.Callback):
     def __init__(self) -> None:
         self.seen: list[torch.Tensor] = []
-        self.last_trained: torch.Tensor | None = None
+        self.trained: list[torch.Tensor] = []  # after each training batch
+
+    @property
+    def last_trained(self) -> torch.Tensor:
+        return self.trained[-1]
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.last_trained = pl_module.tokenizer.decoder.conv_out.weight.detach().clone()
+        self.trained.append(pl_module.tokenizer.decoder.conv_out.weight.detach().clone())
 
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
         self.seen.append(pl_module.tokenizer.decoder.conv_out.weight.detach().clone())
 
 
 def test_validation_runs_on_ema_weights_and_restores_the_trained_ones(tmp_path):
+    """Decay 0.9, one EMA update per batch: the average is the closed-form recursion
+    e_k = 0.9 e_(k-1) + 0.1 w_k from the initial weights over the trained weights w_k;
+    validation sees it, and the trained weights are swapped back afterwards."""
     cli = build(tmp_path, "--trainer.max_epochs", "1")
     spy = _WeightsSeenInValidation()
     cli.trainer.callbacks.append(spy)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     model = cli.model
+    assert model.ema.decay == 0.9 and not model.ema.warmup
+    expected = model.tokenizer.decoder.conv_out.weight.detach().clone()
+    cli.trainer.fit(model, datamodule=cli.datamodule)
+    assert len(spy.trained) == 3
+    for w in spy.trained:
+        expected = 0.9 * expected + 0.1 * w
     ema_weight = model.ema.decoder__conv_out__weight
-    assert not torch.equal(ema_weight, spy.last_trained)  # decay 0.9: the average lags
+    torch.testing.assert_close(ema_weight, expected, rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(ema_weight, spy.last_trained)  # the average lags
     assert spy.seen and torch.equal(spy.seen[-1], ema_weight)  # validation saw the EMA
     assert torch.equal(model.tokenizer.decoder.conv_out.weight, spy.last_trained)  # swapped back
 

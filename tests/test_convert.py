@@ -19,15 +19,13 @@ from dmvae_lightning.modules.diffusion import LatentDiffusionModule
 from dmvae_lightning.modules.dmvae import DMVAEModule
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "public_dmvae"
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "public_dmvae"  # README.md there
 DINO_B = "vit_base_patch14_dinov2.lvd142m"
 STATS = {"latent_mean": 0.0685, "latent_scale": 0.1763}
 
 
 def _fixture(name: str) -> dict:
     path = FIXTURES / name
-    if not path.is_file():
-        pytest.skip(f"public DMVAE fixture missing: {path}")
     return torch.load(path, weights_only=True)
 
 

@@ -89,13 +89,22 @@ def test_scope_swaps_and_restores_exactly_also_on_exception():
 
 
 def test_copy_to_writes_averages():
+    """decay 0.7, two updates towards another net: copy_to writes 0.7^2 p0 + 0.3 (0.7 p1 + p2)
+    into the parameters and the last buffers verbatim."""
     net = _net()
-    ema = EMA(net, decay=0.0)
-    other = _net(seed=1)
-    ema.update(other)
+    p0 = {n: p.detach().clone() for n, p in net.named_parameters()}
+    ema = EMA(net, decay=0.7)
+    first, second = _net(seed=1), _net(seed=2)
+    ema.update(first)
+    ema.update(second)
     ema.copy_to(net)
-    for (n, a), b in zip(net.state_dict().items(), other.state_dict().values(), strict=True):
-        assert torch.equal(a, b), n
+    p1, p2 = dict(first.named_parameters()), dict(second.named_parameters())
+    for name, param in net.named_parameters():
+        expected = 0.49 * p0[name] + 0.21 * p1[name] + 0.3 * p2[name]
+        torch.testing.assert_close(param, expected.detach(), rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(net[0].weight, p2["0.weight"])  # an average, not the latest
+    for name, buf in net.named_buffers():
+        assert torch.equal(buf, dict(second.named_buffers())[name]), name
 
 
 def test_state_dict_round_trip_and_no_duplicate_model():

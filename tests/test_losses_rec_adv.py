@@ -231,6 +231,24 @@ def test_diffaugment_identity_and_unknown_policy():
         DiffAugment("color,rotate")
 
 
+def test_diffaugment_color_closed_form():
+    """colour = brightness + (u1 - 0.5), saturation x 2 u2 about the per-pixel channel mean,
+    contrast x (u3 + 0.5) about the image mean, u1, u2, u3 ~ U[0, 1) per sample drawn in that
+    order. In closed form, with d = x - mean_C(x) and k = u3 + 0.5:
+    out = M + k (m - M) + 2 u2 k d, m = mean_C(x) + u1 - 0.5, M = mean_CHW(x) + u1 - 0.5."""
+    x = _images(b=16, c=3, size=8, seed=3)
+    out = DiffAugment("color")(x, torch.Generator().manual_seed(5))
+    gen = torch.Generator().manual_seed(5)
+    u1, u2, u3 = (torch.rand(16, 1, 1, 1, generator=gen) for _ in range(3))
+    m = x.mean(1, keepdim=True) + u1 - 0.5
+    big_m = x.mean((1, 2, 3), keepdim=True) + u1 - 0.5
+    k = u3 + 0.5
+    expected = big_m + k * (m - big_m) + 2 * u2 * k * (x - x.mean(1, keepdim=True))
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    # the image mean moves by the brightness shift only
+    torch.testing.assert_close(out.mean((1, 2, 3)), x.mean((1, 2, 3)) + u1.flatten() - 0.5)
+
+
 def _shift(x, dy, dx):
     """out[i, j] = x[i - dy, j - dx], zero where that is outside."""
     out = torch.zeros_like(x)

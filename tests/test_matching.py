@@ -352,6 +352,67 @@ def test_fake_loss_trains_null_class_with_label_dropout():
     assert (none.fake.calls[-1][2] == 2).all()
 
 
+def test_fake_loss_is_the_flow_matching_loss_of_the_fake_model():
+    """fake_loss(z) = mean((v_fake(z_t, t) - (z - eps))^2), z_t = t z + (1 - t) eps, with t ~ U[0, 1)
+    then eps ~ N(0, I) from the global RNG, evaluated with the fake model's exact Gaussian
+    velocity (fake shifted away from the real model, so using the real one would fail)."""
+    mu, sigma = [[0.5, -1.0], [0.0, 0.0]], [[0.8, 1.5], [1.0, 1.0]]  # class 0 and the null class
+    loss = DMDLoss(GaussianVelocity(mu, sigma), fake_label_dropout=0.0)
+    with torch.no_grad():
+        loss.fake.mu[0] += torch.tensor([1.0, -0.5])
+        loss.fake.sigma[0] *= 0.5
+    z = torch.randn(64, 2, 3, 3, generator=torch.Generator().manual_seed(0))
+    y = torch.zeros(64, dtype=torch.long)
+    torch.manual_seed(11)
+    value = loss.fake_loss(z, y)
+    torch.manual_seed(11)
+    t = torch.rand(64)
+    eps = torch.randn(z.shape)
+    tt = t.view(-1, 1, 1, 1)
+    z_t = tt * z + (1 - tt) * eps
+    mu_f, sigma_f = loss.fake.mu[0].view(1, 2, 1, 1), loss.fake.sigma[0].view(1, 2, 1, 1)
+    s2 = tt**2 * sigma_f**2 + (1 - tt) ** 2
+    v = mu_f + (tt * sigma_f**2 - (1 - tt)) / s2 * (z_t - tt * mu_f)  # exact velocity
+    expected = (v - (z - eps)).square().mean()
+    torch.testing.assert_close(value, expected, rtol=1e-5, atol=0)
+    x_seen, t_seen, y_seen = loss.fake.calls[-1]
+    torch.testing.assert_close(x_seen, z_t)
+    torch.testing.assert_close(t_seen, t)
+    assert torch.equal(y_seen, y) and not loss.real.calls
+
+
+def test_score_l2_on_gaussians_value_and_gradient():
+    """objective="score_l2" on exact Gaussian velocity models: the value is
+    mean((s_f(z_t) - s_r(z_t))^2) with the closed-form scores -(x - t mu) / (t^2 sigma^2 + (1-t)^2),
+    and, the scores being linear in z_t = t z + (1 - t) eps, its gradient w.r.t. z is
+    2 (s_f - s_r) (1/V_r - 1/V_f) t / numel."""
+    loss = DMDLoss(GaussianVelocity(REAL_MU, REAL_SIGMA), objective="score_l2")
+    mu_f, sigma_f = torch.tensor([1.0, -0.5]), torch.tensor([0.7, 1.3])
+    with torch.no_grad():
+        loss.fake.mu.copy_(mu_f[None])
+        loss.fake.sigma.copy_(sigma_f[None])
+    gen = torch.Generator().manual_seed(12)
+    z = torch.randn(32, 2, 3, 3, generator=gen).requires_grad_(True)
+    t = 0.1 + 0.8 * torch.rand(32, generator=gen)
+    eps = torch.randn(z.shape, generator=gen)
+    value, _ = loss.loss(z, t=t, eps=eps)
+    value.backward()
+    tt = t.view(-1, 1, 1, 1)
+    z_t = tt * z.detach() + (1 - tt) * eps
+
+    def score(mu, sigma):
+        mu, sigma = torch.as_tensor(mu).view(1, 2, 1, 1), torch.as_tensor(sigma).view(1, 2, 1, 1)
+        var = tt**2 * sigma**2 + (1 - tt) ** 2
+        return -(z_t - tt * mu) / var, var
+
+    s_f, var_f = score(mu_f, sigma_f)
+    s_r, var_r = score(REAL_MU, REAL_SIGMA)
+    torch.testing.assert_close(value, (s_f - s_r).square().mean(), rtol=1e-5, atol=0)
+    grad = 2 * (s_f - s_r) * (1 / var_r - 1 / var_f) * tt / z.numel()
+    torch.testing.assert_close(z.grad, grad, rtol=1e-4, atol=1e-9)
+    assert value.item() > 0.1  # far from the trivial 0 of equal models
+
+
 def test_annealing_and_step_counter():
     loss = DMDLoss(
         GaussianVelocity([0.0], [1.0]), t_min=0.0, t_max=1.0, anneal_steps=100, anneal_t_max=0.5

@@ -22,7 +22,7 @@ from dmvae_lightning.nets import (
 )
 from dmvae_lightning.nets.decoder import group_norm
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "public_dmvae"
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "public_dmvae"  # README.md there
 TINY_VIT = dict(model_name="vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2)
 
 
@@ -40,8 +40,6 @@ def no_tf32():
 
 def test_public_decoder_fixture(no_tf32):
     path = FIXTURES / "vae_decoder.pt"
-    if not path.is_file():
-        pytest.skip(f"public DMVAE fixture not found at {path}")
     f = torch.load(path, weights_only=True)
     sd = f["vae_ema"]
 
@@ -79,8 +77,6 @@ def test_public_decoder_fixture(no_tf32):
 
 def test_decoder_parameter_names_match_public_keys():
     keys_file = FIXTURES / "vae_decoder_keys.txt"
-    if not keys_file.is_file():
-        pytest.skip(f"public DMVAE key list not found at {keys_file}")
     public = {}
     for line in keys_file.read_text().splitlines():
         if line.startswith("decoder."):

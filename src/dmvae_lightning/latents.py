@@ -123,7 +123,9 @@ def load_frozen_tokenizer(
             f"{option}: tokenizer checkpoint {str(file)!r} does not exist; train the tokenizer "
             "stage first (dmvae fit --config configs/<data>/tokenizer.yaml) or fix the path."
         )
-    ckpt = torch.load(file, map_location=map_location, weights_only=True)
+    from dmvae_lightning.modules.common import torch_load
+
+    ckpt = torch_load(file, option, map_location=map_location)
     state = ckpt.get("state_dict", ckpt)
     weights = {k[len("tokenizer.") :]: v for k, v in state.items() if k.startswith("tokenizer.")}
     if not weights:

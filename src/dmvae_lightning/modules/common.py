@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,31 @@ def linear_warmup(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+_LOAD_ERRORS = (RuntimeError, OSError, EOFError, pickle.UnpicklingError)
+
+
+def unreadable(err: BaseException) -> bool:
+    """Whether ``torch.load`` failed because the file is not a complete torch archive (truncated
+    download, interrupted copy, another format) rather than because of its content."""
+    return isinstance(err, (OSError, EOFError, pickle.UnpicklingError)) or (
+        "PytorchStreamReader" in str(err) or "zip archive" in str(err)
+    )
+
+
+def torch_load(file: Path, option: str, **kwargs: Any) -> Any:
+    """``torch.load(file, weights_only=True, **kwargs)``; a file that is not a complete torch
+    archive is a ValueError naming ``option`` and the file."""
+    try:
+        return torch.load(file, weights_only=True, **kwargs)
+    except _LOAD_ERRORS as err:
+        if not unreadable(err):
+            raise
+        raise ValueError(
+            f"{option}: {str(file)!r} is truncated or corrupt (torch.load: "
+            f"{str(err).splitlines()[0][:100]})"
+        ) from err
+
+
 def load_checkpoint_module(cls: Any, file: Path, option: str, **kwargs: Any) -> Any:
     """``cls.load_from_checkpoint(file, map_location="cpu", weights_only=True, **kwargs)``, run in
     an empty context: LightningCLI builds the outer model inside a context variable that hands
@@ -34,7 +60,16 @@ def load_checkpoint_module(cls: Any, file: Path, option: str, **kwargs: Any) -> 
 
     try:
         return contextvars.Context().run(build)
-    except (KeyError, RuntimeError, TypeError) as err:
+    except _LOAD_ERRORS as err:
+        if unreadable(err):
+            raise ValueError(
+                f"{option}: {str(file)!r} is truncated or corrupt (torch.load: "
+                f"{str(err).splitlines()[0][:100]})"
+            ) from err
+        raise ValueError(
+            f"{option}: {str(file)!r} is not a loadable {cls.__name__} checkpoint: {err}"
+        ) from err
+    except (KeyError, TypeError) as err:
         raise ValueError(
             f"{option}: {str(file)!r} is not a loadable {cls.__name__} checkpoint: {err}"
         ) from err

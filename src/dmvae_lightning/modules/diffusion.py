@@ -70,6 +70,7 @@ from dmvae_lightning.ema import EMA
 from dmvae_lightning.latents import load_frozen_tokenizer
 from dmvae_lightning.modules.common import EMAInEvaluation, linear_warmup
 from dmvae_lightning.nets.dit import DiT
+from dmvae_lightning.nonfinite import NonFiniteGuard, NonFiniteSpec
 from dmvae_lightning.utils.rng import step_rng, step_seed
 
 __all__ = ["DiTSpec", "LatentDiffusionModule"]
@@ -136,6 +137,9 @@ class LatentDiffusionModule(EMAInEvaluation, pl.LightningModule):
             gathered weights after its forward and gather them again for the backward (True,
             least memory), or keep them until the backward (False: one all-gather per block and
             step fewer, the gathered blocks' memory held in between). Ignored otherwise.
+        nonfinite: :class:`~dmvae_lightning.nonfinite.NonFiniteSpec`: a NaN / inf loss or
+            gradient stops the run (``mode: stop``, default) or skips the step (``mode: skip``,
+            counted, up to ``max_skips``). A checkpoint with non-finite tensors is never written.
     """
 
     def __init__(
@@ -170,10 +174,13 @@ class LatentDiffusionModule(EMAInEvaluation, pl.LightningModule):
         compile: bool = False,
         compile_backend: str = "inductor",
         fsdp_reshard_after_forward: bool = True,
+        nonfinite: NonFiniteSpec | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self._check_arguments()
+        self.nonfinite_guard = NonFiniteGuard.from_spec(nonfinite)
+        self._last_loss: tuple[int, torch.Tensor, dict[str, Any]] | None = None
         self.register_buffer("batch_count", torch.zeros((), dtype=torch.long))
         mean = 0.0 if latent_mean is None else float(latent_mean)
         self.register_buffer("latent_mean", torch.tensor(mean, dtype=torch.float32))
@@ -531,11 +538,36 @@ class LatentDiffusionModule(EMAInEvaluation, pl.LightningModule):
             x = self.normalize(self.get_latents(batch))
             y = self.get_labels(batch, x.shape[0])
             loss, logs = self.training_loss(x, y)
+        # checked after the backward (on_before_optimizer_step), when every rank gets there: a
+        # skipped step drops the gradients (returning None is refused under DDP)
+        self._last_loss = (step, loss.detach(), dict(logs))
+        if self.nonfinite_guard.skips:
+            logs["train/nonfinite_skips"] = torch.tensor(float(self.nonfinite_guard.skips))
         self.batch_count += 1
         logs["train/lr"] = torch.tensor(self.trainer.optimizers[0].param_groups[0]["lr"])
         self.log_dict(logs, on_step=True, on_epoch=False, batch_size=x.shape[0])
         self.log("loss", loss.detach(), prog_bar=True, on_step=True, batch_size=x.shape[0])
         return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """The non-finite check (``nonfinite``) of the loss logged by the last training step and
+        of the gradients: stop, or skip the step (every gradient set to None: AdamW then leaves
+        weights and state as they are)."""
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        step, loss, logs = self._last_loss or (int(self.batch_count) - 1, None, None)
+        self._last_loss = None
+        if not self.nonfinite_guard.check_step(self, step, "DiT", loss, logs, params):
+            for p in params:
+                p.grad = None
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse to write a checkpoint with non-finite tensors (``nonfinite``); keep the count
+        of skipped steps."""
+        self.nonfinite_guard.check_checkpoint(checkpoint, self._trainer)
+        checkpoint["nonfinite_skips"] = self.nonfinite_guard.skips
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.nonfinite_guard.skips = int(checkpoint.get("nonfinite_skips", 0))
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         """The optimizer step, then the EMA update (once per step, also with accumulation)."""

@@ -70,11 +70,12 @@ from dmvae_lightning.ema import EMA
 from dmvae_lightning.losses.adversarial import AdversarialLoss
 from dmvae_lightning.losses.matching import DMDLoss, GaussianKLLoss
 from dmvae_lightning.losses.reconstruction import ReconstructionLoss
-from dmvae_lightning.modules.common import EMAInEvaluation, linear_warmup
+from dmvae_lightning.modules.common import EMAInEvaluation, linear_warmup, torch_load
 from dmvae_lightning.nets.decoder import Decoder
 from dmvae_lightning.nets.discriminator import PatchDiscriminator
 from dmvae_lightning.nets.encoders import MLPBottleneck, build_encoder
 from dmvae_lightning.nets.tokenizer import Tokenizer
+from dmvae_lightning.nonfinite import NonFiniteGuard, NonFiniteSpec, batchnorm_stats
 from dmvae_lightning.utils.rng import step_rng
 
 
@@ -174,6 +175,11 @@ class DMVAEModule(EMAInEvaluation, pl.LightningModule):
         matching_labels: give the batch labels to a class-conditional DMD loss (CFG needs them).
         seed: seed of the per-step random streams (see :mod:`dmvae_lightning.utils.rng`).
         num_log_images: images in the reconstruction grid logged at each validation.
+        nonfinite: :class:`~dmvae_lightning.nonfinite.NonFiniteSpec`, what a NaN / inf loss or
+            gradient does to the generator, discriminator or fake-model step: ``mode: stop``
+            (default: the run stops, naming the batch, the terms and the last checkpoint) or
+            ``mode: skip`` (the step is skipped and counted, up to ``max_skips``). A checkpoint
+            with non-finite tensors is never written.
     """
 
     def __init__(
@@ -213,6 +219,7 @@ class DMVAEModule(EMAInEvaluation, pl.LightningModule):
         fake_lr: float | None = None,
         fake_weight_decay: float = 0.0,
         matching_labels: bool = True,
+        nonfinite: NonFiniteSpec | None = None,
     ) -> None:
         super().__init__()
         with warnings.catch_warnings():
@@ -244,6 +251,7 @@ class DMVAEModule(EMAInEvaluation, pl.LightningModule):
                 f"dmvae_lightning.losses.matching), got {type(matching_loss).__name__}"
             )
         self.register_buffer("batch_count", torch.zeros((), dtype=torch.long))
+        self.nonfinite_guard = NonFiniteGuard.from_spec(nonfinite)
         self.configure_models()
         self.matching_loss = matching_loss
         self.configure_losses()
@@ -395,7 +403,7 @@ class DMVAEModule(EMAInEvaluation, pl.LightningModule):
                 f"model.init_args.init_from: checkpoint {str(file)!r} does not exist; train the "
                 "previous stage first or fix the path."
             )
-        state = torch.load(file, map_location="cpu", weights_only=True)
+        state = torch_load(file, "model.init_args.init_from", map_location="cpu")
         state = state.get("state_dict", state)
         tok = {k[len("tokenizer.") :]: v for k, v in state.items() if k.startswith("tokenizer.")}
         if not tok:
@@ -580,9 +588,14 @@ class DMVAEModule(EMAInEvaluation, pl.LightningModule):
                 "(data.init_args.channels)."
             )
 
-    def _optimizer_step(self, opt, compute_loss) -> dict[str, torch.Tensor]:
+    def _optimizer_step(self, opt, compute_loss, what: str) -> dict[str, torch.Tensor]:
         """Run ``compute_loss()`` with only ``opt``'s parameters trainable, then backward, clip,
-        step and zero. Returns the logs of ``compute_loss``."""
+        step and zero. A non-finite loss term or gradient stops the run or, in skip mode, skips
+        the step and restores the BatchNorm statistics (``nonfinite``; ``what`` names the step
+        in the message). Returns the logs of ``compute_loss``."""
+        guard = self.nonfinite_guard
+        stats = batchnorm_stats(self) if guard.mode == "skip" else []
+        saved = [b.clone() for b in stats]
         with self.toggled_optimizer(opt):
             loss, logs = compute_loss()
             self.manual_backward(loss)
@@ -590,9 +603,24 @@ class DMVAEModule(EMAInEvaluation, pl.LightningModule):
                 self.clip_gradients(
                     opt, gradient_clip_val=self.hparams.grad_clip, gradient_clip_algorithm="norm"
                 )
-            opt.step()
+            params = [p for group in opt.param_groups for p in group["params"]]
+            if guard.check_step(self, int(self.batch_count), what, loss, logs, params):
+                opt.step()
+            else:
+                with torch.no_grad():
+                    for buf, old in zip(stats, saved, strict=True):
+                        buf.copy_(old)
             opt.zero_grad(set_to_none=True)
         return logs
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse to write a checkpoint with non-finite tensors (see ``nonfinite``); keep the
+        count of skipped steps."""
+        self.nonfinite_guard.check_checkpoint(checkpoint, self._trainer)
+        checkpoint["nonfinite_skips"] = self.nonfinite_guard.skips
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.nonfinite_guard.skips = int(checkpoint.get("nonfinite_skips", 0))
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         """One batch: on VAE steps (:meth:`is_vae_step`) encode, decode, step the generator on
@@ -623,12 +651,12 @@ class DMVAEModule(EMAInEvaluation, pl.LightningModule):
 
         with step_rng(self.hparams.seed, step, self.global_rank, x.device):
             if vae_step:
-                logs.update(self._optimizer_step(opt_g, gen_loss))
+                logs.update(self._optimizer_step(opt_g, gen_loss, "generator"))
                 schedulers[0].step()
                 if self.adversarial.active(step):
                     logs.update(
                         self._optimizer_step(
-                            opt_d, lambda: self.discriminator_loss(x, out["x_rec"])
+                            opt_d, lambda: self.discriminator_loss(x, out["x_rec"]), "discriminator"
                         )
                     )
                     schedulers[1].step()
@@ -638,13 +666,19 @@ class DMVAEModule(EMAInEvaluation, pl.LightningModule):
                 else:
                     with torch.no_grad():
                         z = self.encode(x)
-                logs.update(self._optimizer_step(optimizers[2], lambda: self.fake_loss(z, batch)))
+                logs.update(
+                    self._optimizer_step(
+                        optimizers[2], lambda: self.fake_loss(z, batch), "fake score model"
+                    )
+                )
                 schedulers[2].step()
         if vae_step and self.ema is not None:
             self.ema.update(self.ema_target())
         self.batch_count += 1
         if not self._writes_step_logs():
             return  # on-step values of this batch would never reach the logger
+        if self.nonfinite_guard.skips:
+            logs["train/nonfinite_skips"] = torch.tensor(float(self.nonfinite_guard.skips))
         if vae_step:
             logs["train/lr"] = torch.tensor(opt_g.param_groups[0]["lr"])
             self.log("loss", logs["train/g_loss"], prog_bar=True, batch_size=x.shape[0])
