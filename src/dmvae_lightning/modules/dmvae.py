@@ -75,6 +75,7 @@ from dmvae_lightning.nets.decoder import Decoder
 from dmvae_lightning.nets.discriminator import PatchDiscriminator
 from dmvae_lightning.nets.encoders import MLPBottleneck, build_encoder
 from dmvae_lightning.nets.tokenizer import Tokenizer
+from dmvae_lightning.utils.compile import compile_module
 from dmvae_lightning.utils.rng import step_rng
 
 
@@ -174,6 +175,13 @@ class DMVAEModule(EMAInEvaluation, pl.LightningModule):
         matching_labels: give the batch labels to a class-conditional DMD loss (CFG needs them).
         seed: seed of the per-step random streams (see :mod:`dmvae_lightning.utils.rng`).
         num_log_images: images in the reconstruction grid logged at each validation.
+        compile: compile the tokenizer's encoder and decoder with ``torch.compile``: ``true``,
+            or a mapping of its options (:mod:`dmvae_lightning.utils.compile`); in place, so
+            parameter names and checkpoints are those of the eager module.
+        channels_last: store the decoder's and the discriminator's weights in the
+            ``channels_last`` memory format (NHWC convolutions; often faster on GPUs with
+            tensor cores, measure with ``benchmarks/bench_train_step.py``). Values and
+            checkpoints are unchanged.
     """
 
     def __init__(
@@ -213,6 +221,8 @@ class DMVAEModule(EMAInEvaluation, pl.LightningModule):
         fake_lr: float | None = None,
         fake_weight_decay: float = 0.0,
         matching_labels: bool = True,
+        compile: bool | dict[str, Any] = False,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         with warnings.catch_warnings():
@@ -251,6 +261,11 @@ class DMVAEModule(EMAInEvaluation, pl.LightningModule):
         if init_from:
             self.load_tokenizer_weights(init_from)
         self._set_trainable()
+        if channels_last:
+            self.tokenizer.decoder.to(memory_format=torch.channels_last)
+            self.discriminator.to(memory_format=torch.channels_last)
+        for part in (self.tokenizer.encoder, self.tokenizer.decoder):
+            compile_module(part, compile, "model.init_args.compile")
         self._ema_parts = tuple(
             name
             for name in ("encoder", "bottleneck", "decoder")
