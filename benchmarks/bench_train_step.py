@@ -516,9 +516,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 f"  compiled / eager: {res['compiled_over_eager']:.3f}; compilation pays after "
                 + ("never" if be is None else f"{be:.0f} steps")
             )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+        if args.json:  # after every stage: a run cut short keeps the stages it finished
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=2)
     return result
 
 
