@@ -68,6 +68,7 @@ H100_PEAK = {"bf16": 989.4, "fp32": 66.9, "tf32": 494.7}
 # Full (ImageNet) and --small sizes. "dit" maps a DiT stage to its width / depth / heads.
 FULL: dict[str, Any] = {
     "latent": (32, 16, 16),
+    "patch": 1,
     "classes": 1000,
     "dit": {"dit-b": DIT_CONFIGS["B"], "dit-xl": DIT_CONFIGS["XL"]},
     "dit_batch": 32,
@@ -81,6 +82,7 @@ FULL: dict[str, Any] = {
 }
 SMALL: dict[str, Any] = {
     "latent": (4, 8, 8),
+    "patch": 1,
     "classes": 10,
     "dit": {
         "dit-b": {"depth": 2, "hidden_size": 64, "num_heads": 4},
@@ -137,7 +139,7 @@ def build_dit(
     net = DiT(
         input_size=(h, w),
         in_channels=c,
-        patch_size=1,
+        patch_size=sizes["patch"],
         num_classes=sizes["classes"],
         **sizes["dit"][stage],
     ).to(args.device)
@@ -384,7 +386,8 @@ def describe(sizes: dict[str, Any], stage: str, args: argparse.Namespace) -> str
         d = sizes["dit"][stage]
         batch = args.batch or sizes["dit_batch"]
         return (
-            f"DiT d{d['depth']} w{d['hidden_size']} h{d['num_heads']} patch 1 on {c}x{h}x{w}, "
+            f"DiT d{d['depth']} w{d['hidden_size']} h{d['num_heads']} patch {sizes['patch']} on "
+            f"{c}x{h}x{w}, "
             f"batch {batch}"
         )
     e, d, s = sizes["encoder"], sizes["decoder"], sizes["score"]
@@ -410,6 +413,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--channels_last", action="store_true", help="decoder + discriminator")
     parser.add_argument("--batch", type=int, default=None, help="override the stage batch")
     parser.add_argument("--latent", default=None, help="C,H,W of the DiT stages' latents")
+    parser.add_argument("--patch", type=int, default=None, help="DiT stages' patch size")
+    parser.add_argument("--classes", type=int, default=None, help="number of classes")
     parser.add_argument("--dit", default=None, help="JSON {depth, hidden_size, num_heads} "
                         "for both DiT stages")  # fmt: skip
     parser.add_argument("--image_size", type=int, default=None, help="align: image side")
@@ -448,6 +453,10 @@ def sizes_of(args: argparse.Namespace) -> dict[str, Any]:
     }
     if args.latent:
         sizes["latent"] = tuple(int(v) for v in args.latent.split(","))
+    if args.patch:
+        sizes["patch"] = args.patch
+    if args.classes:
+        sizes["classes"] = args.classes
     if args.dit:
         spec = json.loads(args.dit)
         sizes["dit"] = {stage: spec for stage in ("dit-b", "dit-xl")}
