@@ -204,7 +204,7 @@ def build_align_module(
         matching_loss=loss,
         matching_weight=10.0,
         vae_every=args.vae_every,
-        compile=compile,
+        compile=compile if getattr(args, "compile_tokenizer", True) else False,
         channels_last=args.channels_last,
     )
 
@@ -394,10 +394,11 @@ def describe(sizes: dict[str, Any], stage: str, args: argparse.Namespace) -> str
     batch = args.batch or sizes["align_batch"]
     return (
         f"{e['model_name']} patch {e['patch_size']}"
-        + (f" (w{e['embed_dim']} d{e['depth']})" if "embed_dim" in e else "")
+        + "".join(f" {k} {e[k]}" for k in ("embed_dim", "depth") if k in e)
         + f" at {sizes['image_size']}px -> {c} ch, decoder ch {d['ch']} {d['ch_mult']}, "
         f"score DiTs d{s['depth']} w{s['hidden_size']}, CFG 5, batch {batch}, "
         f"vae_every {args.vae_every}"
+        + ("" if args.compile_tokenizer else "; compiled = score models only")
     )
 
 
@@ -426,6 +427,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds (median)")
     parser.add_argument("--compile_backend", default="inductor")
+    parser.add_argument("--no_compile_tokenizer", dest="compile_tokenizer", action="store_false",
+                        help="align, compiled: compile the score models only")  # fmt: skip
     parser.add_argument("--compile_mode", default=None, help="e.g. max-autotune-no-cudagraphs")
     parser.add_argument("--dynamic", type=lambda s: s.lower() == "true", default=None)
     parser.add_argument("--peak_bf16", type=float, default=None, help="TFLOPS (CUDA: 989.4)")

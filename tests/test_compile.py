@@ -302,3 +302,35 @@ def test_gpu_check_script_small_writes_valid_json(tmp_path):
     assert result["passed"] and result["small"]
     assert list(result["bench"]["stages"]) == ["dit-b"]
     assert list(result["parity"]["checks"]) == ["dit_forward"]
+
+
+def test_align_fit_compiled_matches_eager(tmp_path, stage_ckpts):
+    """The whole stage-3 training step under Lightning (manual optimisation, adaptive GAN
+    weight, DMD with CFG, fake steps, EMA) with the encoder, decoder and both score models
+    compiled (aot_eager) ends 7 batches later where the eager run ends."""
+    from dmvae_lightning.cli import main
+
+    states = []
+    for compile_args in ([], ["--model.init_args.compile", json.dumps(AOT),
+                              "--model.init_args.matching_loss.init_args.compile",
+                              json.dumps(AOT)]):  # fmt: skip
+        torch._dynamo.reset()
+        args = ["--config", str(REPO / "tests" / "configs" / "align_tiny.yaml"),
+                "--trainer.default_root_dir", str(tmp_path / str(len(states))),
+                "--trainer.logger", "false",
+                "--model.init_args.init_from", stage_ckpts["tokenizer"],
+                "--model.init_args.matching_loss.init_args.real_model", stage_ckpts["reference"],
+                *compile_args]  # fmt: skip
+        cli = main(args, run=False)
+        model = cli.model
+        assert (model.tokenizer.decoder._compiled_call_impl is not None) == bool(compile_args)
+        cli.trainer.fit(model, datamodule=cli.datamodule)
+        assert int(model.batch_count) == 7
+        states.append(model.state_dict())
+    eager, compiled = states
+    assert list(eager) == list(compiled)
+    for key, value in eager.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(compiled[key], value, rtol=1e-4, atol=1e-5, msg=key)
+        else:
+            assert torch.equal(compiled[key], value), key
