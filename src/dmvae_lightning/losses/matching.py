@@ -58,6 +58,7 @@ from torchmetrics import Metric
 
 from dmvae_lightning import flow
 from dmvae_lightning.distributed import is_distributed
+from dmvae_lightning.utils.compile import compile_module
 
 __all__ = [
     "DMDLoss",
@@ -299,6 +300,11 @@ class DMDLoss(_MatchingMetric):
         null_class: label of the unconditional class; default ``real_model.null_class`` or
             ``real_model.num_classes``. Needed for ``cfg_scale != 1`` and label dropout.
         fake_label_dropout: probability that :meth:`fake_loss` replaces a label by the null class.
+        compile: compile both score models (real and fake) with ``torch.compile``: ``true``, or
+            a mapping of its options (:mod:`dmvae_lightning.utils.compile`), e.g.
+            ``{dynamic: false}`` (one graph for the 2B-row CFG batch, one for the B-row fake
+            step). In place and lazy (at the first call), so the state-dict keys are those of
+            the eager models.
         **kwargs: :class:`torchmetrics.Metric` options (``sync_on_compute``, ...).
     """
 
@@ -314,6 +320,7 @@ class DMDLoss(_MatchingMetric):
         null_class: int | None = None,
         fake_label_dropout: float = 0.1,
         anneal_t_min: float | None = None,
+        compile: bool | dict[str, Any] = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -351,6 +358,8 @@ class DMDLoss(_MatchingMetric):
         for param in self.fake.parameters():
             if param.is_floating_point():
                 param.requires_grad_(True)
+        for net in (self.real, self.fake):  # after the copy: a copy of a compiled net is eager
+            compile_module(net, compile, "DMDLoss.compile")
         self.register_buffer("latent_mean", torch.tensor(mean, dtype=torch.float32))
         self.register_buffer("latent_scale", torch.tensor(scale, dtype=torch.float32))
         self.register_buffer("num_steps", torch.zeros((), dtype=torch.long))

@@ -71,6 +71,7 @@ from dmvae_lightning.latents import load_frozen_tokenizer
 from dmvae_lightning.modules.common import EMAInEvaluation, linear_warmup
 from dmvae_lightning.nets.dit import DiT
 from dmvae_lightning.nonfinite import NonFiniteGuard, NonFiniteSpec
+from dmvae_lightning.utils.compile import compile_module
 from dmvae_lightning.utils.rng import step_rng, step_seed
 
 __all__ = ["DiTSpec", "LatentDiffusionModule"]
@@ -131,8 +132,9 @@ class LatentDiffusionModule(EMAInEvaluation, pl.LightningModule):
         num_log_images: samples in the TensorBoard grid at each validation (needs a tokenizer).
         log_sample_steps: Euler steps of that grid.
         seed: seed of the per-step random streams.
-        compile: compile the DiT with ``torch.compile`` (in place: parameter names and
-            checkpoints are unchanged); ``compile_backend`` picks the backend.
+        compile: compile the DiT with ``torch.compile``: ``true``, or a mapping of its options
+            (:mod:`dmvae_lightning.utils.compile`); in place, so parameter names and checkpoints
+            are unchanged. ``compile_backend`` is the backend when the mapping names none.
         fsdp_reshard_after_forward: under FSDP2 (see the module docstring), free each block's
             gathered weights after its forward and gather them again for the backward (True,
             least memory), or keep them until the backward (False: one all-gather per block and
@@ -171,7 +173,7 @@ class LatentDiffusionModule(EMAInEvaluation, pl.LightningModule):
         num_log_images: int = 16,
         log_sample_steps: int = 25,
         seed: int = 0,
-        compile: bool = False,
+        compile: bool | dict[str, Any] = False,
         compile_backend: str = "inductor",
         fsdp_reshard_after_forward: bool = True,
         nonfinite: NonFiniteSpec | None = None,
@@ -189,8 +191,7 @@ class LatentDiffusionModule(EMAInEvaluation, pl.LightningModule):
         ready = latent_mean is not None and latent_scale is not None
         self.register_buffer("stats_ready", torch.tensor(ready))
         self.configure_models()
-        if compile:
-            self.dit.compile(backend=compile_backend)
+        compile_module(self.dit, compile, "model.init_args.compile", backend=compile_backend)
         self.ema = EMA(self.dit, decay=ema_decay, warmup=ema_warmup) if ema_decay else None
         self._ema_active = False
         self.encode_images = tokenizer_ckpt is not None if encode_images is None else encode_images

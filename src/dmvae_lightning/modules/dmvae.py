@@ -76,6 +76,7 @@ from dmvae_lightning.nets.discriminator import PatchDiscriminator
 from dmvae_lightning.nets.encoders import MLPBottleneck, build_encoder
 from dmvae_lightning.nets.tokenizer import Tokenizer
 from dmvae_lightning.nonfinite import NonFiniteGuard, NonFiniteSpec, batchnorm_stats
+from dmvae_lightning.utils.compile import compile_module
 from dmvae_lightning.utils.rng import step_rng
 
 
@@ -180,6 +181,13 @@ class DMVAEModule(EMAInEvaluation, pl.LightningModule):
             (default: the run stops, naming the batch, the terms and the last checkpoint) or
             ``mode: skip`` (the step is skipped and counted, up to ``max_skips``). A checkpoint
             with non-finite tensors is never written.
+        compile: compile the tokenizer's encoder and decoder with ``torch.compile``: ``true``,
+            or a mapping of its options (:mod:`dmvae_lightning.utils.compile`); in place, so
+            parameter names and checkpoints are those of the eager module.
+        channels_last: store the decoder's and the discriminator's weights in the
+            ``channels_last`` memory format (NHWC convolutions; often faster on GPUs with
+            tensor cores, measure with ``benchmarks/bench_train_step.py``). Values and
+            checkpoints are unchanged.
     """
 
     def __init__(
@@ -220,6 +228,8 @@ class DMVAEModule(EMAInEvaluation, pl.LightningModule):
         fake_weight_decay: float = 0.0,
         matching_labels: bool = True,
         nonfinite: NonFiniteSpec | None = None,
+        compile: bool | dict[str, Any] = False,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         with warnings.catch_warnings():
@@ -259,6 +269,11 @@ class DMVAEModule(EMAInEvaluation, pl.LightningModule):
         if init_from:
             self.load_tokenizer_weights(init_from)
         self._set_trainable()
+        if channels_last:
+            self.tokenizer.decoder.to(memory_format=torch.channels_last)
+            self.discriminator.to(memory_format=torch.channels_last)
+        for part in (self.tokenizer.encoder, self.tokenizer.decoder):
+            compile_module(part, compile, "model.init_args.compile")
         self._ema_parts = tuple(
             name
             for name in ("encoder", "bottleneck", "decoder")

@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# One-command GPU check: the train-step benchmark (eager vs compiled, every stage at the ImageNet
+# shapes, bf16) and the numeric parity check (bf16 on the GPU vs fp32 on the CPU: DiT forward,
+# DMD gradient, one alignment step), both written into ONE JSON file.
+#
+#   scripts/gpu_check.sh                      # on a GPU machine: full sizes, < 10 minutes
+#   scripts/gpu_check.sh --small              # CPU, tiny sizes: the plumbing end to end
+#   scripts/gpu_check.sh --out results.json   # default: gpu_check.json in the current folder
+#
+# Python: $PYTHON if set, else the repository's .venv/bin/python, else python3 -- the first that
+# imports torch (torch is never installed by this script: a GPU build must already be there).
+# When that Python cannot import dmvae_lightning from src/ with its dependencies, the script
+# makes .venv-gpu-check (with --system-site-packages, so the existing torch is used) and runs
+# `pip install -e .` there, which needs a package index.
+#
+# Time budget (full run): the benchmark stops after BENCH_TIMEOUT s (default 420) and the parity
+# check after PARITY_TIMEOUT s (default 150); stages finished before a timeout are kept. Extra
+# benchmark options go in BENCH_ARGS (e.g. BENCH_ARGS="--stages dit-b,align --channels_last"),
+# extra parity options in PARITY_ARGS (e.g. PARITY_ARGS="--compile" to check the compiled path).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+SMALL=0
+OUT="$PWD/gpu_check.json"
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --small) SMALL=1 ;;
+    --out) OUT="$2"; shift ;;
+    -h|--help) sed -n '2,20p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    *) echo "gpu_check.sh: unknown option $1 (use --small, --out FILE)" >&2; exit 2 ;;
+  esac
+  shift
+done
+case "$OUT" in /*) ;; *) OUT="$PWD/$OUT" ;; esac
+
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+export PYTHONPATH="$ROOT/src${PYTHONPATH:+:$PYTHONPATH}"
+
+PY=""
+for candidate in "${PYTHON:-}" "$ROOT/.venv/bin/python" python3 python; do
+  [[ -n "$candidate" ]] || continue
+  if command -v "$candidate" >/dev/null 2>&1 && "$candidate" -c "import torch" 2>/dev/null; then
+    PY="$candidate"
+    break
+  fi
+done
+if [[ -z "$PY" ]]; then
+  echo "gpu_check.sh: no Python that imports torch (set PYTHON=/path/to/python)" >&2
+  exit 1
+fi
+if ! "$PY" -c "import dmvae_lightning.modules.dmvae, timm" 2>/dev/null; then
+  echo "gpu_check.sh: $PY lacks the package's dependencies; installing into .venv-gpu-check" >&2
+  "$PY" -m venv --system-site-packages "$ROOT/.venv-gpu-check"
+  PY="$ROOT/.venv-gpu-check/bin/python"
+  "$PY" -m pip install --quiet -e "$ROOT"
+fi
+
+TMP="$(mktemp -d)"
+trap 'rm -rf "$TMP"' EXIT
+START=$(date +%s)
+if [[ $SMALL == 1 ]]; then
+  # CPU: tiny sizes; "compiled" traces through dynamo + AOTAutograd without a C++ build (aot_eager)
+  # so that the run takes seconds; bf16 autocast on the CPU stands in for the GPU.
+  BENCH=(--small --device cpu --compile_backend aot_eager --warmup 1 --steps 1 --rounds 2)
+  PARITY=(--small --device cpu)
+  BENCH_TIMEOUT=${BENCH_TIMEOUT:-600}
+  PARITY_TIMEOUT=${PARITY_TIMEOUT:-300}
+else
+  BENCH=(--device cuda --precision bf16 --warmup 2 --steps 3 --rounds 3)
+  PARITY=(--device cuda)
+  BENCH_TIMEOUT=${BENCH_TIMEOUT:-420}
+  PARITY_TIMEOUT=${PARITY_TIMEOUT:-150}
+fi
+# shellcheck disable=SC2206
+BENCH+=(${BENCH_ARGS:-})
+# shellcheck disable=SC2206
+PARITY+=(${PARITY_ARGS:-})
+
+cd "$ROOT"
+echo "== benchmark (${BENCH[*]}), at most ${BENCH_TIMEOUT} s" >&2
+set +e
+timeout "$BENCH_TIMEOUT" "$PY" benchmarks/bench_train_step.py "${BENCH[@]}" --json "$TMP/bench.json"
+BENCH_RC=$?
+echo "== parity (${PARITY[*]}), at most ${PARITY_TIMEOUT} s" >&2
+timeout "$PARITY_TIMEOUT" "$PY" benchmarks/gpu_parity.py "${PARITY[@]}" --json "$TMP/parity.json"
+PARITY_RC=$?
+set -e
+
+"$PY" - "$TMP" "$OUT" "$BENCH_RC" "$PARITY_RC" "$START" "$SMALL" <<'EOF'
+import json, subprocess, sys, time
+from pathlib import Path
+
+tmp, out, bench_rc, parity_rc, start, small = sys.argv[1:]
+def load(name):
+    path = Path(tmp) / name
+    return json.loads(path.read_text()) if path.is_file() else None
+try:
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+except OSError:
+    commit = ""
+parity = load("parity.json")
+result = {
+    "small": small == "1",
+    "commit": commit or None,
+    "seconds": time.time() - int(start),
+    "bench": load("bench.json"),
+    "bench_exit_code": int(bench_rc),
+    "parity": parity,
+    "parity_exit_code": int(parity_rc),
+    "passed": bool(parity and parity.get("passed")) and int(bench_rc) == 0,
+}
+Path(out).write_text(json.dumps(result, indent=2))
+print(f"gpu_check: {'passed' if result['passed'] else 'FAILED'}; wrote {out} "
+      f"({result['seconds']:.0f} s)")
+sys.exit(0 if result["passed"] else 1)
+EOF
