@@ -72,12 +72,12 @@ def test_linear_probe_separates_separable_classes_and_not_noise():
     assert study.linear_probe(noise[:400], y[:400], noise[400:], y[400:]) < 0.5
 
 
-def test_quick_study_end_to_end_and_resume(tmp_path, monkeypatch, fashion_mnist_root):
-    monkeypatch.chdir(ROOT)
+def test_quick_study_end_to_end_and_resume(tmp_path, fashion_mnist_root):
     arms = ["kl_vae", "gaussian", "ablation"]
     runs = tmp_path / "study"
     report = study.main(
-        ["--quick", "--runs", str(runs), "--seeds", "0,1", "--arms", ",".join(arms)]
+        ["--quick", "--runs", str(runs), "--root", str(ROOT), "--seeds", "0,1"]
+        + ["--arms", ",".join(arms)]
     )
     rows = {r["key"]: r for r in report["arms"]}
     assert list(rows) == arms  # table order
@@ -119,6 +119,6 @@ def test_quick_study_end_to_end_and_resume(tmp_path, monkeypatch, fashion_mnist_
     (runs / "arms" / "gaussian" / "result.json").unlink()
     (runs / "arms" / "gaussian" / "generator_seed1.json").unlink()
     (runs / "arms" / "gaussian" / "generator_seed1.ckpt").unlink()
-    again = study.Study(runs, seeds=[0, 1], quick=True)
-    again.run(study.load_arms(names=arms))
+    again = study.Study(runs, root=ROOT, seeds=[0, 1], quick=True)
+    again.run(study.load_arms(ROOT / study.ARMS_DIR, names=arms))
     assert list(again.timings) == ["gaussian/generator_seed1"]

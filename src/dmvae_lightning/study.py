@@ -54,8 +54,10 @@ from typing import Any
 import torch
 import yaml
 
+#: The stage configs (relative to the repository root); arms live in its ``study`` folder.
 CONFIGS = Path("configs/fashion_mnist")
 ARMS_DIR = CONFIGS / "study"
+
 DEFAULT_SEEDS = (0, 1, 2)
 
 # --------------------------------------------------------------------------------- stage budgets
@@ -81,21 +83,21 @@ def _kind(config: str) -> str:
     return Path(config).stem
 
 
-def load_overlay(spec: Any) -> dict[str, Any]:
+def load_overlay(spec: Any, configs: Path = CONFIGS) -> dict[str, Any]:
     """An arm's overlay: a mapping, the name of a YAML file under ``configs/fashion_mnist``
     (e.g. ``kl_vae/tokenizer.yaml``, shared with ``make demo``), or a list of these merged in
     order; None is empty."""
     if spec is None:
         return {}
     if isinstance(spec, str):
-        path = CONFIGS / spec
+        path = configs / spec
         if not path.is_file():
-            raise ValueError(f"overlay file {spec!r} is not a file under {CONFIGS}")
+            raise ValueError(f"overlay file {spec!r} is not a file under {configs}")
         return yaml.safe_load(path.read_text()) or {}
     if isinstance(spec, list):
         out: dict[str, Any] = {}
         for part in spec:
-            out = _merge(out, load_overlay(part))
+            out = _merge(out, load_overlay(part, configs))
         return out
     if isinstance(spec, dict):
         return spec
@@ -278,6 +280,7 @@ class Arm:
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> Arm:
         path = Path(path)
+        configs = path.resolve().parent.parent  # configs/<data>/study/<arm>.yaml
         spec = yaml.safe_load(path.read_text()) or {}
         known = {"title", "table", "order", "reference", "tokenizer", "generator", "ablation"}
         unknown = sorted(set(spec) - known)
@@ -294,11 +297,11 @@ class Arm:
                     f"{path}: tokenizer[{i}] needs `config` (and optionally `overlay`, `from`), "
                     f"got keys {sorted(stage)}"
                 )
-            load_overlay(stage.get("overlay"))  # a missing overlay file fails here
-            if not (CONFIGS / stage["config"]).is_file():
+            load_overlay(stage.get("overlay"), configs)  # a missing overlay file fails here
+            if not (configs / stage["config"]).is_file():
                 raise ValueError(
                     f"{path}: tokenizer[{i}].config {stage['config']!r} is not a file under "
-                    f"{CONFIGS}"
+                    f"{configs}"
                 )
         if reference is None and (not stages or stages[0].get("from") != "scratch"):
             raise ValueError(
@@ -337,8 +340,8 @@ class Study:
     """Runs stages and evaluations for a set of arms (see the module docstring).
 
     Args:
-        runs: output folder (absolute or relative to the working directory, which must be the
-            repository root: the configs are read from ``configs/fashion_mnist``).
+        runs: output folder.
+        root: the repository root (holds ``configs/fashion_mnist``).
         seeds: generator seeds per arm.
         quick: seconds-long stages and small evaluation sets (tests).
         generator_steps: training steps of every generator (default: the ``max_steps`` of
@@ -349,12 +352,15 @@ class Study:
     def __init__(
         self,
         runs: str | os.PathLike = "runs/study",
+        root: str | os.PathLike = ".",
         seeds: Sequence[int] = DEFAULT_SEEDS,
         quick: bool = False,
         generator_steps: int | None = None,
         log: Callable[[str], None] = lambda line: print(line, flush=True),
     ) -> None:
         self.runs = Path(runs).resolve()
+        self.root = Path(root).resolve()
+        self.configs = self.root / CONFIGS
         self.generator_steps = generator_steps
         self.seeds = tuple(int(s) for s in seeds)
         self.quick = quick
@@ -367,7 +373,7 @@ class Study:
     def arm(self, key: str) -> Arm:
         """Arm ``key`` of ``configs/fashion_mnist/study`` (e.g. an arm's ``ablation``)."""
         if self._arms is None:
-            self._arms = {a.key: a for a in load_arms()}
+            self._arms = {a.key: a for a in load_arms(self.root / ARMS_DIR)}
         if key not in self._arms:
             raise ValueError(f"unknown arm {key!r}; known: {sorted(self._arms)}")
         return self._arms[key]
@@ -427,7 +433,8 @@ class Study:
         overlay_file.write_text(yaml.safe_dump(full, sort_keys=False))
         self.log(f"[study] fit {config} -> {ckpt.relative_to(self.runs)}")
         start = time.perf_counter()
-        cli_main(["fit", "--config", str(CONFIGS / config), "--config", str(overlay_file)])
+        base = self.configs / config
+        cli_main(["fit", "--config", str(base), "--config", str(overlay_file)])
         if not ckpt.is_file():
             raise RuntimeError(f"dmvae fit {config} finished without writing {ckpt}")
         return time.perf_counter() - start
@@ -462,7 +469,9 @@ class Study:
                 model["matching_loss"] = {
                     "init_args": {"real_model": str(self.shared(REFERENCES[arm.reference].model))}
                 }
-            overlay = _merge({"model": {"init_args": model}}, load_overlay(stage.get("overlay")))
+            overlay = _merge(
+                {"model": {"init_args": model}}, load_overlay(stage.get("overlay"), self.configs)
+            )
             ckpt = arm_dir / f"tokenizer_{i}_{kind}.ckpt"
             seconds = self._fit(stage["config"], overlay, ckpt, f"{arm.key}/{i}_{kind}", None)
             self.timings[f"{arm.key}/{i}_{kind}"] = seconds
@@ -636,7 +645,7 @@ class Study:
                     "init_args": {"dataset": "latent_cache", "root": str(cache), "seed": seed}
                 },
             },
-            load_overlay(arm.generator),
+            load_overlay(arm.generator, self.configs),
         )
         if self.generator_steps is not None:
             overlay = _merge(overlay, {"trainer": {"max_steps": self.generator_steps}})
@@ -749,9 +758,11 @@ class Study:
         return _chunks(tok.encode, x[:n]), y[:n]
 
     def run(self, arms: Sequence[Arm]) -> dict[str, Any]:
-        """Every arm in order, then the report. Returns the study's JSON."""
+        """Every arm in the order given, then the report (rows in table order). Returns the
+        study's JSON."""
         start = time.perf_counter()
-        rows = [self.run_arm(arm) for arm in arms]
+        done = [(arm, self.run_arm(arm)) for arm in arms]  # in the order given
+        rows = [row for arm, row in sorted(done, key=lambda d: (d[0].table, d[0].order))]
         report = {
             "seeds": list(self.seeds),
             "generator_steps": self.generator_steps,
@@ -1013,14 +1024,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--root", default=".", help="repository root (holds configs/)")
     parser.add_argument("--list", action="store_true", help="list the arms and exit")
     args = parser.parse_args(argv)
-    os.chdir(Path(args.root).resolve())
-    arms = load_arms(names=args.arms.split(",") if args.arms else None)
+    names = args.arms.split(",") if args.arms else None
+    arms = load_arms(Path(args.root) / ARMS_DIR, names=names)
+    if names:  # run in the order given (the report keeps the table order)
+        arms.sort(key=lambda a: names.index(a.key))
     if args.list:
         for arm in arms:
             print(f"{arm.key:28s} table {arm.table}  {arm.title}")
         return {}
     study = Study(
         args.runs,
+        root=args.root,
         seeds=[int(s) for s in args.seeds.split(",")],
         quick=args.quick,
         generator_steps=args.generator_steps,
