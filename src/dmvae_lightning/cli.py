@@ -5,7 +5,7 @@ Examples::
     dmvae fit --config configs/fashion_mnist/tokenizer.yaml
     dmvae fit --config configs/imagenet.yaml --trainer.num_nodes 4
     dmvae fit --config configs/fashion_mnist/tokenizer.yaml --print_config
-    dmvae import_public dit --src public_dit.pt --out generator.ckpt   # see convert.py
+    dmvae import_public dit --src public_dit.pt --out generator.ckpt   # see interop/public.py
 
 Model and data are chosen by ``class_path`` (subclass mode), so classes of other projects plug in
 without touching this file. ``data`` may be left out for a model that serves its own loaders.
@@ -122,11 +122,11 @@ def main(args: ArgsType = None, run: bool = True) -> LightningCLI | None:
     """Entry point of the ``dmvae`` console script; tests call ``main([...])`` in-process.
 
     ``dmvae import_public ...`` is not a Lightning subcommand: it runs the checkpoint importer
-    (:func:`dmvae_lightning.convert.main`) and returns None.
+    (:func:`dmvae_lightning.interop.public.main`) and returns None.
     """
     argv = sys.argv[1:] if args is None else args
     if isinstance(argv, (list, tuple)) and argv and argv[0] == "import_public":
-        from dmvae_lightning import convert
+        from dmvae_lightning.interop import public as convert
 
         convert.main(list(argv[1:]))
         return None

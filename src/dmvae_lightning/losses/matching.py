@@ -47,7 +47,6 @@ import copy
 import os
 import warnings
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -56,7 +55,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from dmvae_lightning import flow
+import dmvae_lightning.flow as flow
+from dmvae_lightning.checkpoints import ScoreModel, load_score_model
 from dmvae_lightning.distributed import is_distributed
 
 __all__ = [
@@ -192,40 +192,13 @@ class _MatchingMetric(Metric):
 
 
 # ---------------------------------------------------------------------------------- DMD
-def _load_reference_model(path: str | os.PathLike) -> tuple[nn.Module, float, float]:
-    """(DiT with EMA weights, latent_mean, latent_scale) of a LatentDiffusionModule checkpoint."""
-    from dmvae_lightning.modules.common import load_checkpoint_module
-    from dmvae_lightning.modules.diffusion import LatentDiffusionModule
-
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(
-            f"DMDLoss.real_model: reference-model checkpoint {str(file)!r} does not exist; train "
-            "the reference model first (a LatentDiffusionModule on reference samples) or fix "
-            "the path."
-        )
-    module = load_checkpoint_module(
-        LatentDiffusionModule,
-        file,
-        "DMDLoss.real_model",
-        tokenizer_ckpt=None,
-        encode_images=False,
-        compile=False,
-    )
-    if not bool(module.stats_ready):
-        warnings.warn(
-            f"DMDLoss.real_model: {str(file)!r} holds no measured latent statistics; "
-            "normalize() uses latent_mean=0, latent_scale=1",
-            stacklevel=3,
-        )
-    return _from_diffusion_module(module, copy_dit=False)
-
-
-def _from_diffusion_module(module: nn.Module, copy_dit: bool) -> tuple[nn.Module, float, float]:
-    net = copy.deepcopy(module.dit) if copy_dit else module.dit
-    if module.ema is not None:
+def _from_diffusion_module(module: nn.Module) -> ScoreModel:
+    """The DiT (deep-copied, EMA weights in) and latent statistics of a module holding ``dit``,
+    ``ema``, ``latent_mean`` and ``latent_scale`` (a LatentDiffusionModule)."""
+    net = copy.deepcopy(module.dit)
+    if getattr(module, "ema", None) is not None:
         module.ema.copy_to(net)
-    return net, float(module.latent_mean), float(module.latent_scale)
+    return ScoreModel(net, float(module.latent_mean), float(module.latent_scale))
 
 
 class DMDLoss(_MatchingMetric):
@@ -242,8 +215,7 @@ class DMDLoss(_MatchingMetric):
     null class and no labels), ``v`` shaped like ``x``.
 
     Latent space: every method takes ``z`` (B, C, H, W) in the score models' (normalised) space.
-    For a real model from a :class:`~dmvae_lightning.modules.diffusion.LatentDiffusionModule`,
-    map raw encoder latents with :meth:`normalize` (``(z - latent_mean) * latent_scale``, buffers
+    For a real model from a LatentDiffusionModule, map raw encoder latents with :meth:`normalize` (``(z - latent_mean) * latent_scale``, buffers
     copied from that module; 0 / 1 otherwise) first.
 
     Per call: ``t ~ U[t_min, t_max(step)]`` (fp32, also under autocast), ``eps ~ N(0, I)`` fp32,
@@ -287,9 +259,10 @@ class DMDLoss(_MatchingMetric):
 
     Args:
         real_model: velocity model ``(x, t, y) -> v`` (frozen in place), a
-            :class:`LatentDiffusionModule` (its DiT, deep-copied, with the EMA weights), or the
-            path of a LatentDiffusionModule checkpoint (loaded with EMA weights, without its
-            tokenizer).
+            :class:`~dmvae_lightning.checkpoints.ScoreModel`, a module with ``dit``, ``ema``
+            and latent statistics such as a LatentDiffusionModule (its DiT, deep-copied, with
+            the EMA weights), or the path of a LatentDiffusionModule checkpoint (read by
+            :func:`~dmvae_lightning.checkpoints.load_score_model`: EMA weights, no tokenizer).
         cfg_scale: guidance scale w for both models (paper: 5; 1 = no guidance).
         t_min, t_max: noise-level range at step 0, ``0 <= t_min < t_max <= 1``.
         anneal_steps: steps over which the range moves linearly to its annealed end (0: never).
@@ -299,6 +272,9 @@ class DMDLoss(_MatchingMetric):
         null_class: label of the unconditional class; default ``real_model.null_class`` or
             ``real_model.num_classes``. Needed for ``cfg_scale != 1`` and label dropout.
         fake_label_dropout: probability that :meth:`fake_loss` replaces a label by the null class.
+        latent_mean, latent_scale: statistics of the real model's latent space (see
+            :meth:`normalize`); None: those of the checkpoint or LatentDiffusionModule, else
+            0 / 1. Give them with a plain velocity network of your own.
         **kwargs: :class:`torchmetrics.Metric` options (``sync_on_compute``, ...).
     """
 
@@ -314,6 +290,8 @@ class DMDLoss(_MatchingMetric):
         null_class: int | None = None,
         fake_label_dropout: float = 0.1,
         anneal_t_min: float | None = None,
+        latent_mean: float | None = None,
+        latent_scale: float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -339,7 +317,10 @@ class DMDLoss(_MatchingMetric):
         self.objective: str = objective
         self.fake_label_dropout = float(fake_label_dropout)
 
-        net, mean, scale = self.build_real(real_model)
+        real = self.build_real(real_model)
+        net = real.net
+        mean = real.latent_mean if latent_mean is None else float(latent_mean)
+        scale = real.latent_scale if latent_scale is None else float(latent_scale)
         self.null_class = self._resolve_null_class(net, null_class)
         if self.cfg_scale != 1.0 and self.null_class is None:
             raise ValueError(
@@ -357,20 +338,28 @@ class DMDLoss(_MatchingMetric):
         self.last_info: dict[str, Tensor] = {}
 
     # ------------------------------------------------------------------ construction hooks
-    def build_real(self, spec: nn.Module | str | os.PathLike) -> tuple[nn.Module, float, float]:
-        """``(velocity model, latent_mean, latent_scale)`` from the ``real_model`` argument."""
+    def build_real(self, spec: nn.Module | str | os.PathLike) -> ScoreModel:
+        """The frozen real velocity network and its latent statistics from the ``real_model``
+        argument (a path is read by :func:`dmvae_lightning.checkpoints.load_score_model`)."""
         if isinstance(spec, (str, os.PathLike)):
-            return _load_reference_model(spec)
+            model = load_score_model(spec, option="DMDLoss.real_model")
+            if not model.stats_ready:
+                warnings.warn(
+                    f"DMDLoss.real_model: {str(spec)!r} holds no measured latent statistics; "
+                    "normalize() uses latent_mean=0, latent_scale=1",
+                    stacklevel=3,
+                )
+            return model
+        if isinstance(spec, ScoreModel):
+            return spec
         if not isinstance(spec, nn.Module):
             raise TypeError(
                 "DMDLoss.real_model must be an nn.Module or the path of a LatentDiffusionModule "
                 f"checkpoint, got {type(spec).__name__}"
             )
-        from dmvae_lightning.modules.diffusion import LatentDiffusionModule
-
-        if isinstance(spec, LatentDiffusionModule):
-            return _from_diffusion_module(spec, copy_dit=True)
-        return spec, 0.0, 1.0
+        if isinstance(getattr(spec, "dit", None), nn.Module) and hasattr(spec, "latent_scale"):
+            return _from_diffusion_module(spec)  # a LatentDiffusionModule
+        return ScoreModel(spec)
 
     @staticmethod
     def _resolve_null_class(net: nn.Module, null_class: int | None) -> int | None:

@@ -14,7 +14,6 @@ Batches are dicts ``{"image": (B, C, H, W) in [-1, 1], "label": (B,) int64}`` fr
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 import lightning.pytorch as pl
@@ -22,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
-from dmvae_lightning.modules.common import linear_warmup, load_checkpoint_module
+from dmvae_lightning.checkpoints import load_classifier
+from dmvae_lightning.modules.common import linear_warmup
 from dmvae_lightning.nets.classifier import ConvClassifier
 
 __all__ = ["ClassifierModule", "load_classifier"]
@@ -92,17 +92,3 @@ class ClassifierModule(pl.LightningModule):
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch, self.test_acc, "test/acc")
-
-
-def load_classifier(path: str | Path, option: str = "weights_path") -> ConvClassifier:
-    """The :class:`ConvClassifier` of a ClassifierModule checkpoint (eval mode, on CPU).
-
-    ``option`` names the config option that gave ``path``, for the error messages.
-    """
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise FileNotFoundError(
-            f"{option}: classifier checkpoint {str(file)!r} does not exist; train it with "
-            "`dmvae fit --config configs/fashion_mnist/classifier.yaml` or fix the path."
-        )
-    return load_checkpoint_module(ClassifierModule, file, option).net.eval()

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import contextvars
-from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -20,24 +17,6 @@ def linear_warmup(
         return 1.0 if steps <= 0 else min(1.0, (step + 1) / steps)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def load_checkpoint_module(cls: Any, file: Path, option: str, **kwargs: Any) -> Any:
-    """``cls.load_from_checkpoint(file, map_location="cpu", weights_only=True, **kwargs)``, run in
-    an empty context: LightningCLI builds the outer model inside a context variable that hands
-    ITS arguments to every ``save_hyperparameters()`` call, so a module loaded while the CLI
-    builds another would record the wrong hyperparameters. A file that does not load is a
-    ValueError naming ``option``."""
-
-    def build() -> Any:
-        return cls.load_from_checkpoint(file, map_location="cpu", weights_only=True, **kwargs)
-
-    try:
-        return contextvars.Context().run(build)
-    except (KeyError, RuntimeError, TypeError) as err:
-        raise ValueError(
-            f"{option}: {str(file)!r} is not a loadable {cls.__name__} checkpoint: {err}"
-        ) from err
 
 
 class EMAInEvaluation:

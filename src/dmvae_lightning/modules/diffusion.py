@@ -63,9 +63,9 @@ from lightning.pytorch.utilities import move_data_to_device, rank_zero_info
 from torch import nn
 
 from dmvae_lightning import flow
+from dmvae_lightning.checkpoints import load_tokenizer
 from dmvae_lightning.distributed import broadcast_tensors
 from dmvae_lightning.ema import EMA
-from dmvae_lightning.latents import load_frozen_tokenizer
 from dmvae_lightning.modules.common import EMAInEvaluation, linear_warmup
 from dmvae_lightning.nets.dit import DiT
 from dmvae_lightning.utils.rng import step_rng, step_seed
@@ -194,7 +194,7 @@ class LatentDiffusionModule(EMAInEvaluation, pl.LightningModule):
         # Held outside the module tree: not in state_dict, parameters(), DDP or .train()/.to().
         object.__setattr__(self, "_tokenizer", tokenizer)
         if tokenizer is not None:
-            channels = getattr(getattr(tokenizer, "hparams", {}), "latent_channels", None)
+            channels = getattr(tokenizer, "latent_channels", None)
             if channels is not None and channels != latent_shape[0]:
                 raise ValueError(
                     f"model.init_args.latent_shape has {latent_shape[0]} channels but the "
@@ -314,7 +314,7 @@ class LatentDiffusionModule(EMAInEvaluation, pl.LightningModule):
         tokenizer of checkpoint ``path``: a module with ``encode(images) -> raw latents`` and
         ``decode(latents) -> images``, EMA weights in, eval mode, no gradient (it is held
         outside this module's state)."""
-        return load_frozen_tokenizer(path, option="model.init_args.tokenizer_ckpt")
+        return load_tokenizer(path, option="model.init_args.tokenizer_ckpt")
 
     @property
     def tokenizer(self) -> nn.Module | None:

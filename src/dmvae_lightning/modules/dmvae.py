@@ -54,7 +54,6 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from pathlib import Path
 from typing import Any, Literal, TypedDict
 
 import lightning.pytorch as pl
@@ -65,15 +64,20 @@ from torch import nn
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
+from dmvae_lightning.checkpoints import (
+    CheckpointError,
+    build_decoder,
+    build_encoder,
+    load_tokenizer_state,
+)
 from dmvae_lightning.distributed import ExplicitDDPStrategy
 from dmvae_lightning.ema import EMA
 from dmvae_lightning.losses.adversarial import AdversarialLoss
 from dmvae_lightning.losses.matching import DMDLoss, GaussianKLLoss
 from dmvae_lightning.losses.reconstruction import ReconstructionLoss
 from dmvae_lightning.modules.common import EMAInEvaluation, linear_warmup
-from dmvae_lightning.nets.decoder import Decoder
 from dmvae_lightning.nets.discriminator import PatchDiscriminator
-from dmvae_lightning.nets.encoders import MLPBottleneck, build_encoder
+from dmvae_lightning.nets.encoders import MLPBottleneck
 from dmvae_lightning.nets.tokenizer import Tokenizer
 from dmvae_lightning.utils.rng import step_rng
 
@@ -278,12 +282,9 @@ class DMVAEModule(EMAInEvaluation, pl.LightningModule):
         """Called once by :meth:`configure_models` (in ``__init__``). Must return the encoder: an
         ``nn.Module`` mapping images (B, C_img, H, W) in [-1, 1] to features (B, D, h, w), with
         an ``out_dim`` attribute (D, which sizes the bottleneck). Default: from the ``encoder``
-        spec (:func:`~dmvae_lightning.nets.encoders.build_encoder`). Override to plug in another
+        spec (:func:`dmvae_lightning.checkpoints.build_encoder`). Override to plug in another
         backbone; ``self.hparams`` (e.g. ``self.hparams.encoder``) is available."""
-        spec: dict[str, Any] = {"name": "conv", **(self.hparams.encoder or {})}
-        spec.setdefault("in_channels", self.hparams.image_channels)
-        spec.update(spec.pop("timm_kwargs", None) or {})
-        return build_encoder(spec)
+        return build_encoder(self.hparams.encoder, self.hparams.image_channels)
 
     def build_bottleneck(self, in_dim: int) -> nn.Module:
         """Called once by :meth:`configure_models` with ``in_dim`` = the encoder's ``out_dim``.
@@ -300,15 +301,8 @@ class DMVAEModule(EMAInEvaluation, pl.LightningModule):
         mapping raw latents (B, C, h, w) to images (B, C_img, H, W) (roughly [-1, 1],
         unclamped), with ``get_last_layer()`` returning the last layer's weight (for the adaptive
         GAN weight). Default: :class:`~dmvae_lightning.nets.decoder.Decoder` from ``decoder``."""
-        spec = dict(self.hparams.decoder or {})
-        try:
-            return Decoder(
-                z_channels=self.hparams.latent_channels,
-                out_channels=self.hparams.image_channels,
-                **spec,
-            )
-        except TypeError as err:
-            raise TypeError(f"model.init_args.decoder: {err}") from err
+        hp = self.hparams
+        return build_decoder(hp.decoder, hp.latent_channels, hp.image_channels)
 
     def build_discriminator(self) -> nn.Module:
         """Called once by :meth:`configure_models`. Must return the discriminator: an
@@ -388,36 +382,30 @@ class DMVAEModule(EMAInEvaluation, pl.LightningModule):
 
     def load_tokenizer_weights(self, path: str) -> None:
         """Load tokenizer (and, when present and compatible, discriminator) weights from a
-        DMVAEModule checkpoint; the EMA weights, when saved, replace the raw ones."""
-        file = Path(path)
-        if not file.is_file():
-            raise FileNotFoundError(
-                f"model.init_args.init_from: checkpoint {str(file)!r} does not exist; train the "
-                "previous stage first or fix the path."
-            )
-        state = torch.load(file, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state)
-        tok = {k[len("tokenizer.") :]: v for k, v in state.items() if k.startswith("tokenizer.")}
-        if not tok:
-            raise ValueError(
-                f"model.init_args.init_from: {str(file)!r} holds no `tokenizer.*` weights; is it "
-                "a DMVAEModule checkpoint?"
-            )
-        self.tokenizer.load_state_dict(tok, strict=True)
+        DMVAEModule checkpoint (:func:`dmvae_lightning.checkpoints.load_tokenizer_state`); the
+        EMA weights, when saved, replace the raw ones. A file that does not fit is a
+        :class:`~dmvae_lightning.checkpoints.CheckpointError` naming ``init_from``."""
+        option = "model.init_args.init_from"
+        saved = load_tokenizer_state(path, option)
+        try:
+            self.tokenizer.load_state_dict(saved.tokenizer, strict=True)
+        except RuntimeError as err:
+            detail = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+            raise CheckpointError(
+                option,
+                saved.file,
+                "does not fit this model (another encoder, decoder or latent size?):\n  "
+                + (detail[1] if len(detail) > 1 else detail[0])[:300],
+            ) from err
         # The previous stage's EMA (buffers named like the parameters, '.' -> '__') is the
         # better starting point: it replaces the raw weights where present.
         with torch.no_grad():
             for name, param in self.tokenizer.named_parameters():
-                key = "ema." + name.replace(".", "__")
-                if key in state:
-                    param.copy_(state[key])
-        disc = {
-            k[len("discriminator.") :]: v
-            for k, v in state.items()
-            if k.startswith("discriminator.")
-        }
-        if disc:
-            self.discriminator.load_state_dict(disc, strict=True)
+                ema = saved.ema.get(name.replace(".", "__"))
+                if ema is not None:
+                    param.copy_(ema)
+        if saved.discriminator:
+            self.discriminator.load_state_dict(saved.discriminator, strict=True)
 
     def _set_trainable(self) -> None:
         if self.hparams.stage == "finetune":
