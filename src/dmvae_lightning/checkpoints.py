@@ -111,11 +111,10 @@ def read_checkpoint(
     try:
         ckpt = torch.load(file, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if "weights only" in str(err).lower():
-            problem = "holds objects a weights-only load refuses (not a checkpoint of this project)"
+        if "unsupported global" in str(err).lower():
+            problem = "holds Python objects a weights-only load refuses (not a checkpoint of this project)"
         else:
-            problem = f"is truncated or corrupt ({first})"
+            problem = "is truncated or corrupt (not a readable torch checkpoint)"
         raise CheckpointError(option, file, problem) from err
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -266,13 +265,16 @@ def build_tokenizer(
 class TokenizerState:
     """Tensors of a DMVAEModule checkpoint: ``tokenizer`` (``encoder.*``, ``bottleneck.*``,
     ``decoder.*``), ``discriminator`` (may be empty), ``ema`` (EMA buffers by the tokenizer's
-    parameter names, ``'.' -> '__'``; may be empty) and the saved ``hparams``."""
+    parameter names, ``'.' -> '__'``; may be empty), the saved ``hparams`` and, for an
+    alignment checkpoint, the reference record of its DMD real model (``path``, ``sha256``,
+    latent statistics; else None)."""
 
     tokenizer: dict[str, torch.Tensor]
     discriminator: dict[str, torch.Tensor]
     ema: dict[str, torch.Tensor]
     hparams: dict[str, Any]
     file: Path
+    real_model: dict[str, Any] | None = None
 
 
 def load_tokenizer_state(
@@ -298,6 +300,7 @@ def load_tokenizer_state(
         ema=_prefixed(state, "ema."),
         hparams=dict(ckpt.get("hyper_parameters") or {}),
         file=file,
+        real_model=(state.get("matching_loss._extra_state") or {}).get("real_model"),
     )
 
 

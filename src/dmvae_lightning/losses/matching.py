@@ -56,7 +56,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 
 import dmvae_lightning.flow as flow
-from dmvae_lightning.checkpoints import ScoreModel, load_score_model
+from dmvae_lightning.checkpoints import CheckpointError, ScoreModel, file_sha256, load_score_model
 from dmvae_lightning.distributed import is_distributed
 
 __all__ = [
@@ -201,6 +201,22 @@ def _from_diffusion_module(module: nn.Module) -> ScoreModel:
     return ScoreModel(net, float(module.latent_mean), float(module.latent_scale))
 
 
+def _drop_real_weights(module: nn.Module, state: dict, prefix: str, metadata: Any) -> None:
+    """State-dict post-hook of :class:`DMDLoss`: the frozen real model's tensors are left out."""
+    for key in [k for k in state if k.startswith(prefix + "real.")]:
+        del state[key]
+
+
+def _keep_real_weights(module: nn.Module, state: dict, prefix: str, *args: Any) -> None:
+    """Load-state-dict pre-hook of :class:`DMDLoss`: the real model keeps the weights it was
+    read with (its own tensors stand in for the keys a checkpoint does not hold; a checkpoint
+    from before storage by reference still holds them and they load as before), and a
+    checkpoint without the reference record loads without the check."""
+    for name, tensor in module.real.state_dict().items():
+        state.setdefault(f"{prefix}real.{name}", tensor)
+    state.setdefault(f"{prefix}_extra_state", {})
+
+
 class DMDLoss(_MatchingMetric):
     """Distribution-matching distillation loss on latents, with a frozen real and a trained fake
     flow-matching velocity model.
@@ -210,8 +226,11 @@ class DMDLoss(_MatchingMetric):
     :meth:`fake_parameters` with the owning module's fake optimizer, on :meth:`fake_loss`). Both
     stay in eval mode under ``.train()`` (no random label dropout inside the networks; the fake's
     label dropout is done by :meth:`fake_loss`). Both are submodules, so they move with ``.to()``
-    and the fake's weights are in checkpoints. Every model is called ``model(x, t, y) -> v``:
-    ``x`` (N, C, H, W) fp32, ``t`` (N,) fp32, ``y`` (N,) int64 labels (or None when there is no
+    and the fake's weights are in checkpoints. The real model is stored **by reference**: a
+    checkpoint holds its file's path and sha256 and the latent statistics (the
+    ``_extra_state`` entry), never its weights; loading the checkpoint into a DMDLoss built from
+    that path (resume, ``load_from_checkpoint``) checks the sha256 and refuses another file.
+    Every model is called ``model(x, t, y) -> v``: ``x`` (N, C, H, W) fp32, ``t`` (N,) fp32, ``y`` (N,) int64 labels (or None when there is no
     null class and no labels), ``v`` shaped like ``x``.
 
     Latent space: every method takes ``z`` (B, C, H, W) in the score models' (normalised) space.
@@ -336,13 +355,17 @@ class DMDLoss(_MatchingMetric):
         self.register_buffer("latent_scale", torch.tensor(scale, dtype=torch.float32))
         self.register_buffer("num_steps", torch.zeros((), dtype=torch.long))
         self.last_info: dict[str, Tensor] = {}
+        # The frozen real model is stored by reference, not by value (see the class docstring).
+        self._real_path, self._real_sha256 = real.path, real.sha256
+        self.register_state_dict_post_hook(_drop_real_weights)
+        self.register_load_state_dict_pre_hook(_keep_real_weights)
 
     # ------------------------------------------------------------------ construction hooks
     def build_real(self, spec: nn.Module | str | os.PathLike) -> ScoreModel:
         """The frozen real velocity network and its latent statistics from the ``real_model``
         argument (a path is read by :func:`dmvae_lightning.checkpoints.load_score_model`)."""
         if isinstance(spec, (str, os.PathLike)):
-            model = load_score_model(spec, option="DMDLoss.real_model")
+            model = load_score_model(spec, option="DMDLoss.real_model", sha256=False)
             if not model.stats_ready:
                 warnings.warn(
                     f"DMDLoss.real_model: {str(spec)!r} holds no measured latent statistics; "
@@ -360,6 +383,42 @@ class DMDLoss(_MatchingMetric):
         if isinstance(getattr(spec, "dit", None), nn.Module) and hasattr(spec, "latent_scale"):
             return _from_diffusion_module(spec)  # a LatentDiffusionModule
         return ScoreModel(spec)
+
+    # ------------------------------------------------------------------ checkpoint by reference
+    def real_sha256(self) -> str | None:
+        """sha256 of the real model's checkpoint file (None when it was given as a module)."""
+        if self._real_sha256 is None and self._real_path is not None:
+            self._real_sha256 = file_sha256(self._real_path)
+        return self._real_sha256
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """What a checkpoint stores of the frozen real model: where it came from and what it
+        was (``path``, ``sha256`` of the file; None for a module given in Python) and the
+        latent statistics; its weights are not stored."""
+        return {
+            "real_model": {
+                "path": self._real_path,
+                "sha256": self.real_sha256(),
+                "latent_mean": float(self.latent_mean),
+                "latent_scale": float(self.latent_scale),
+            }
+        }
+
+    def set_extra_state(self, state: Any) -> None:
+        """On resume / load: the real model was read again from its path (``real_model``); a
+        file whose sha256 differs from the one the checkpoint was trained with is refused
+        (:class:`~dmvae_lightning.checkpoints.CheckpointError`)."""
+        saved = (state or {}).get("real_model") or {}
+        expected, current = saved.get("sha256"), None
+        if expected and self._real_path is not None:
+            current = self.real_sha256()
+        if expected and current and current != expected:
+            raise CheckpointError(
+                "DMDLoss.real_model",
+                self._real_path,
+                f"is not the reference model this checkpoint was trained with (sha256 "
+                f"{current[:12]}..., expected {expected[:12]}... of {saved.get('path')!r}).",
+            )
 
     @staticmethod
     def _resolve_null_class(net: nn.Module, null_class: int | None) -> int | None:

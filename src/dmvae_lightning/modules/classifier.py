@@ -19,10 +19,15 @@ from typing import Literal
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics.classification import MulticlassAccuracy
 
 from dmvae_lightning.checkpoints import load_classifier
-from dmvae_lightning.modules.common import linear_warmup
+from dmvae_lightning.modules.common import (
+    build_optimizer,
+    build_scheduler,
+    drop_callables_from_hparams,
+)
 from dmvae_lightning.nets.classifier import ConvClassifier
 
 __all__ = ["ClassifierModule", "load_classifier"]
@@ -36,6 +41,9 @@ class ClassifierModule(pl.LightningModule):
         lr, weight_decay, warmup_steps: AdamW with linear warm-up.
         label_smoothing: cross-entropy label smoothing.
         random_flip: random horizontal flips of the training images (p = 0.5).
+        optimizer, scheduler: injected optimizer / scheduler (``OptimizerCallable`` /
+            ``LRSchedulerCallable``); None: AdamW (``lr``, ``weight_decay``, default betas) and
+            linear warm-up.
     """
 
     def __init__(
@@ -52,9 +60,13 @@ class ClassifierModule(pl.LightningModule):
         warmup_steps: int = 50,
         label_smoothing: float = 0.0,
         random_flip: bool = False,
+        optimizer: OptimizerCallable | None = None,
+        scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        drop_callables_from_hparams(self, ("optimizer", "scheduler"))
+        self._optimizer_factory, self._scheduler_factory = optimizer, scheduler
         self.net = ConvClassifier(
             in_channels, num_classes, widths, norm, dropout, blocks, stem_stride
         )
@@ -67,8 +79,11 @@ class ClassifierModule(pl.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        opt = torch.optim.AdamW(self.net.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-        return [opt], [{"scheduler": linear_warmup(opt, hp.warmup_steps), "interval": "step"}]
+        opt = build_optimizer(
+            self._optimizer_factory, self.net.parameters(), hp.lr, weight_decay=hp.weight_decay
+        )
+        sched = build_scheduler(self._scheduler_factory, opt, hp.warmup_steps)
+        return [opt], [{"scheduler": sched, "interval": "step"}]
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch["image"], batch["label"]

@@ -59,6 +59,7 @@ from typing import Any, Literal, TypedDict
 import lightning.pytorch as pl
 import torch
 import torchvision
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import move_data_to_device, rank_zero_info
 from torch import nn
 
@@ -66,7 +67,12 @@ from dmvae_lightning import flow
 from dmvae_lightning.checkpoints import load_tokenizer
 from dmvae_lightning.distributed import broadcast_tensors
 from dmvae_lightning.ema import EMA
-from dmvae_lightning.modules.common import EMAInEvaluation, linear_warmup
+from dmvae_lightning.modules.common import (
+    EMAInEvaluation,
+    build_optimizer,
+    build_scheduler,
+    drop_callables_from_hparams,
+)
 from dmvae_lightning.nets.dit import DiT
 from dmvae_lightning.utils.rng import step_rng, step_seed
 
@@ -118,7 +124,7 @@ class LatentDiffusionModule(EMAInEvaluation, pl.LightningModule):
         stats_batches: training batches (per rank) used to measure the statistics.
         time_dist, time_mean, time_std, time_shift: training-time distribution
             (:func:`~dmvae_lightning.flow.sample_t`: uniform or logit-normal, then the shift).
-        lr, betas, weight_decay: AdamW (paper: 2e-4, (0.9, 0.95), 0).
+        lr, betas, weight_decay: the default AdamW (paper: 2e-4, (0.9, 0.95), 0).
         warmup_steps: linear learning-rate warm-up in optimizer steps.
         ema_decay: EMA decay of the DiT (paper 0.9999); None disables EMA.
         ema_warmup: use the ``min(decay, (1 + n) / (10 + n))`` warm-up of the EMA decay.
@@ -134,6 +140,11 @@ class LatentDiffusionModule(EMAInEvaluation, pl.LightningModule):
             gathered weights after its forward and gather them again for the backward (True,
             least memory), or keep them until the backward (False: one all-gather per block and
             step fewer, the gathered blocks' memory held in between). Ignored otherwise.
+        optimizer, scheduler: injected optimizer / learning-rate scheduler of the DiT
+            (``lightning.pytorch.cli.OptimizerCallable`` / ``LRSchedulerCallable``, e.g.
+            ``{class_path: torch.optim.SGD, init_args: {lr: 0.01}}`` in YAML); None: AdamW with
+            ``lr``, ``betas``, ``weight_decay`` (fused on CUDA) and linear warm-up over
+            ``warmup_steps``, stepped per optimizer step.
     """
 
     def __init__(
@@ -168,9 +179,13 @@ class LatentDiffusionModule(EMAInEvaluation, pl.LightningModule):
         compile: bool = False,
         compile_backend: str = "inductor",
         fsdp_reshard_after_forward: bool = True,
+        optimizer: OptimizerCallable | None = None,
+        scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        drop_callables_from_hparams(self, ("optimizer", "scheduler"))
+        self._optimizer_factory, self._scheduler_factory = optimizer, scheduler
         self._check_arguments()
         self.register_buffer("batch_count", torch.zeros((), dtype=torch.long))
         mean = 0.0 if latent_mean is None else float(latent_mean)
@@ -506,10 +521,10 @@ class LatentDiffusionModule(EMAInEvaluation, pl.LightningModule):
     # ------------------------------------------------------------------ Lightning: training
     def configure_optimizers(self):
         hp = self.hparams
-        opt = torch.optim.AdamW(
-            self.dit.parameters(), lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay
+        opt = build_optimizer(
+            self._optimizer_factory, self.dit.parameters(), hp.lr, hp.betas, hp.weight_decay
         )
-        sched = linear_warmup(opt, hp.warmup_steps)
+        sched = build_scheduler(self._scheduler_factory, opt, hp.warmup_steps)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:

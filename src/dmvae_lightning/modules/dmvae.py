@@ -59,6 +59,7 @@ from typing import Any, Literal, TypedDict
 import lightning.pytorch as pl
 import torch
 import torchvision
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 from torchmetrics import Metric, MetricCollection
@@ -75,11 +76,26 @@ from dmvae_lightning.ema import EMA
 from dmvae_lightning.losses.adversarial import AdversarialLoss
 from dmvae_lightning.losses.matching import DMDLoss, GaussianKLLoss
 from dmvae_lightning.losses.reconstruction import ReconstructionLoss
-from dmvae_lightning.modules.common import EMAInEvaluation, linear_warmup
+from dmvae_lightning.modules.common import (
+    EMAInEvaluation,
+    build_optimizer,
+    build_scheduler,
+    drop_callables_from_hparams,
+)
 from dmvae_lightning.nets.discriminator import PatchDiscriminator
 from dmvae_lightning.nets.encoders import MLPBottleneck
 from dmvae_lightning.nets.tokenizer import Tokenizer
 from dmvae_lightning.utils.rng import step_rng
+
+_FACTORIES = (
+    "optimizer",
+    "scheduler",
+    "disc_optimizer",
+    "disc_scheduler",
+    "fake_optimizer",
+    "fake_scheduler",
+)
+_INJECTED = ("matching_loss", *_FACTORIES)
 
 
 class EncoderSpec(TypedDict, total=False):
@@ -156,7 +172,8 @@ class DMVAEModule(EMAInEvaluation, pl.LightningModule):
             (gradients averaged over the ranks in distributed training: the global batch's).
         diffaug: DiffAugment policy for the discriminator inputs ("" disables).
         consistency_weight: bCR consistency-regularisation weight for the discriminator.
-        lr, disc_lr: AdamW learning rates (``disc_lr`` defaults to ``lr``).
+        lr, disc_lr: AdamW learning rates (``disc_lr`` defaults to ``lr``) of the default
+            optimizers (see ``optimizer`` below).
         betas, weight_decay, disc_weight_decay: AdamW settings (paper: (0.9, 0.95), 5e-3, 5e-4).
         warmup_steps: linear learning-rate warm-up in optimizer steps.
         grad_clip: gradient-norm clip for both optimizers (0 disables).
@@ -178,6 +195,14 @@ class DMVAEModule(EMAInEvaluation, pl.LightningModule):
         matching_labels: give the batch labels to a class-conditional DMD loss (CFG needs them).
         seed: seed of the per-step random streams (see :mod:`dmvae_lightning.utils.rng`).
         num_log_images: images in the reconstruction grid logged at each validation.
+        optimizer, disc_optimizer, fake_optimizer: injected optimizers of the generator
+            (tokenizer), the discriminator and the DMD fake score model
+            (``lightning.pytorch.cli.OptimizerCallable``; in YAML ``{class_path:
+            torch.optim.SGD, init_args: {lr: 0.01}}``). None: AdamW with ``lr`` / ``disc_lr`` /
+            ``fake_lr``, ``betas`` and the weight decays above (fused on CUDA).
+        scheduler, disc_scheduler, fake_scheduler: injected learning-rate schedulers
+            (``LRSchedulerCallable``), stepped with their optimizer. None: linear warm-up over
+            ``warmup_steps``.
     """
 
     def __init__(
@@ -217,17 +242,30 @@ class DMVAEModule(EMAInEvaluation, pl.LightningModule):
         fake_lr: float | None = None,
         fake_weight_decay: float = 0.0,
         matching_labels: bool = True,
+        optimizer: OptimizerCallable | None = None,
+        scheduler: LRSchedulerCallable | None = None,
+        disc_optimizer: OptimizerCallable | None = None,
+        disc_scheduler: LRSchedulerCallable | None = None,
+        fake_optimizer: OptimizerCallable | None = None,
+        fake_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
         with warnings.catch_warnings():
             # A loss built in Python is an nn.Module; it is dropped from the hparams just below.
             warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`.*")
             self.save_hyperparameters()
-        if isinstance(self.hparams.get("matching_loss"), nn.Module):
-            # Built in Python (not from a config): keep the module out of the checkpoint's
-            # hyperparameters (its weights are in the state dict); pass it again when loading.
-            self.hparams.pop("matching_loss")
-            self._hparams_initial.pop("matching_loss", None)
+        # Built in Python (not from a config): keep the loss module (its weights are in the
+        # state dict) and optimizer factories out of the checkpoint's hyperparameters; pass
+        # them again when loading.
+        drop_callables_from_hparams(self, _INJECTED)
+        self._factories = dict(
+            optimizer=optimizer,
+            scheduler=scheduler,
+            disc_optimizer=disc_optimizer,
+            disc_scheduler=disc_scheduler,
+            fake_optimizer=fake_optimizer,
+            fake_scheduler=fake_scheduler,
+        )
         self.automatic_optimization = False
         if stage not in ("pretrain", "align", "finetune"):
             raise ValueError(
@@ -406,6 +444,24 @@ class DMVAEModule(EMAInEvaluation, pl.LightningModule):
                     param.copy_(ema)
         if saved.discriminator:
             self.discriminator.load_state_dict(saved.discriminator, strict=True)
+        self._check_reference(saved.real_model)
+
+    def _check_reference(self, recorded: dict[str, Any] | None) -> None:
+        """``init_from`` an alignment checkpoint whose DMD real model was read from the path this
+        run reads it from: the file must be the one it was trained with (same sha256)."""
+        loss = self.matching_loss
+        if not recorded or not isinstance(loss, DMDLoss) or not recorded.get("sha256"):
+            return
+        path = getattr(loss, "_real_path", None)
+        if path is None or str(recorded.get("path")) != str(path):
+            return  # another reference model, chosen on purpose for this run
+        if loss.real_sha256() != recorded["sha256"]:
+            raise CheckpointError(
+                "DMDLoss.real_model",
+                path,
+                "changed since the init_from checkpoint was trained with it (sha256 differs); "
+                "restore that file or point real_model at it.",
+            )
 
     def _set_trainable(self) -> None:
         if self.hparams.stage == "finetune":
@@ -523,33 +579,39 @@ class DMVAEModule(EMAInEvaluation, pl.LightningModule):
             )
 
     def configure_optimizers(self):
-        """AdamW + linear warm-up for the generator, the discriminator and (with a DMD loss)
-        the fake score model, in that order."""
-        hp = self.hparams
+        """Generator, discriminator and (with a DMD loss) fake score model optimizers, in that
+        order, each with its step-interval scheduler: the injected ``optimizer`` /
+        ``scheduler`` arguments, else AdamW + linear warm-up
+        (:func:`~dmvae_lightning.modules.common.build_optimizer`)."""
+        hp, make = self.hparams, self._factories
         gen_params = [p for p in self.tokenizer.parameters() if p.requires_grad]
         if not gen_params:
             raise ValueError("Nothing to train: every tokenizer parameter is frozen.")
         optimizers = [
-            torch.optim.AdamW(gen_params, lr=hp.lr, betas=hp.betas, weight_decay=hp.weight_decay),
-            torch.optim.AdamW(
+            build_optimizer(make["optimizer"], gen_params, hp.lr, hp.betas, hp.weight_decay),
+            build_optimizer(
+                make["disc_optimizer"],
                 self.discriminator.parameters(),
-                lr=hp.disc_lr if hp.disc_lr is not None else hp.lr,
-                betas=hp.betas,
-                weight_decay=hp.disc_weight_decay,
+                hp.disc_lr if hp.disc_lr is not None else hp.lr,
+                hp.betas,
+                hp.disc_weight_decay,
             ),
         ]
+        scheduler_factories = [make["scheduler"], make["disc_scheduler"]]
         if self.trains_fake:
             optimizers.append(
-                torch.optim.AdamW(
+                build_optimizer(
+                    make["fake_optimizer"],
                     self.matching_loss.fake_parameters(),
-                    lr=hp.fake_lr if hp.fake_lr is not None else hp.lr,
-                    betas=hp.betas,
-                    weight_decay=hp.fake_weight_decay,
+                    hp.fake_lr if hp.fake_lr is not None else hp.lr,
+                    hp.betas,
+                    hp.fake_weight_decay,
                 )
             )
+            scheduler_factories.append(make["fake_scheduler"])
         schedulers = [
-            {"scheduler": linear_warmup(opt, hp.warmup_steps), "interval": "step"}
-            for opt in optimizers
+            {"scheduler": build_scheduler(factory, opt, hp.warmup_steps), "interval": "step"}
+            for factory, opt in zip(scheduler_factories, optimizers, strict=True)
         ]
         return optimizers, schedulers
 
