@@ -9,10 +9,11 @@ Where the latents come from (:meth:`LatentDiffusionModule.get_latents`):
 * ``batch[input_key]`` (default ``"reference"``): latents already in the batch, (B, C, H, W),
   e.g. from :class:`~dmvae_lightning.latents.LatentCache` or a reference source;
 * with ``tokenizer_ckpt`` set: ``batch["image"]`` (B, C_img, H_img, W_img) in [-1, 1] encoded on
-  the fly by a frozen :class:`~dmvae_lightning.modules.dmvae.DMVAEModule` built from that
-  checkpoint (EMA weights, eval mode, no gradient). The tokenizer is *held*, not registered as a
-  submodule: it is absent from this module's ``state_dict`` / checkpoints, from the optimizer
-  and from DDP, and ``.to()`` / ``.train()`` do not reach it (it follows ``self.device`` lazily).
+  the fly by the frozen :class:`~dmvae_lightning.nets.tokenizer.Tokenizer` of that DMVAEModule
+  checkpoint (read by :func:`~dmvae_lightning.checkpoints.load_tokenizer`; EMA weights, eval
+  mode, no gradient). The tokenizer is *held*, not registered as a submodule: it is absent
+  from this module's ``state_dict`` / checkpoints, from the optimizer and from DDP, and
+  ``.to()`` / ``.train()`` do not reach it (it follows ``self.device`` lazily).
   With a tokenizer, samples can be decoded to images (validation grid, ``predict``).
 
 Conventions: flow matching as in :mod:`dmvae_lightning.flow` (t = 1 data, t = 0 noise,
