@@ -52,10 +52,8 @@ def build_optimizer(
     params = list(params)
     if factory is not None:
         return factory(params)
-    fused = True if fused_supported(params) else None
-    return torch.optim.AdamW(
-        params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, fused=fused
-    )
+    extra = {"fused": True} if fused_supported(params) else {}  # on CPU: the call as before
+    return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, **extra)
 
 
 def build_scheduler(
