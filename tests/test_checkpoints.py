@@ -115,12 +115,15 @@ def test_alignment_checkpoint_stores_the_real_model_by_reference(tmp_path, stage
     cli = align(tmp_path / "run", stage_ckpts["tokenizer"], stage_ckpts["reference"])
     cli.trainer.callbacks.append(SaveAtBatch(4, tmp_path / "mid.ckpt"))
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    state = torch.load(tmp_path / "mid.ckpt", weights_only=True)["state_dict"]
+    ckpt = torch.load(tmp_path / "mid.ckpt", weights_only=True)
+    state = ckpt["state_dict"]
     assert not [k for k in state if k.startswith("matching_loss.real.")]
     assert [k for k in state if k.startswith("matching_loss.fake.")]
-    ref = state["matching_loss._extra_state"]["real_model"]
-    assert ref["path"] == str(Path(stage_ckpts["reference"]))
-    assert ref["sha256"] == file_sha256(stage_ckpts["reference"])
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    digest = file_sha256(stage_ckpts["reference"])
+    assert bytes(state["matching_loss.real_sha256"].tolist()).hex() == digest
+    ref = ckpt["dmd_real_model"]
+    assert ref["path"] == str(Path(stage_ckpts["reference"])) and ref["sha256"] == digest
     saved = torch.load(stage_ckpts["reference"], weights_only=True)["state_dict"]
     assert ref["latent_mean"] == float(saved["latent_mean"])
     assert ref["latent_scale"] == float(saved["latent_scale"])
@@ -154,7 +157,7 @@ def test_checkpoint_from_before_storage_by_reference_still_loads(tmp_path, stage
     the stored tensors are used as before."""
     cli = align(tmp_path / "run", stage_ckpts["tokenizer"], stage_ckpts["reference"])
     state = cli.model.state_dict()
-    old = {k: v for k, v in state.items() if k != "matching_loss._extra_state"}
+    old = {k: v for k, v in state.items() if k != "matching_loss.real_sha256"}
     for name, tensor in cli.model.matching_loss.real.state_dict().items():
         old[f"matching_loss.real.{name}"] = tensor.clone()
     other = align(tmp_path / "other", stage_ckpts["tokenizer"], stage_ckpts["reference"])

@@ -300,7 +300,7 @@ def load_tokenizer_state(
         ema=_prefixed(state, "ema."),
         hparams=dict(ckpt.get("hyper_parameters") or {}),
         file=file,
-        real_model=(state.get("matching_loss._extra_state") or {}).get("real_model"),
+        real_model=ckpt.get("dmd_real_model"),
     )
 
 

@@ -201,20 +201,32 @@ def _from_diffusion_module(module: nn.Module) -> ScoreModel:
     return ScoreModel(net, float(module.latent_mean), float(module.latent_scale))
 
 
+SHA256_KEY = "real_sha256"  # state-dict entry: the real model file's sha256 as 32 uint8
+
+
 def _drop_real_weights(module: nn.Module, state: dict, prefix: str, metadata: Any) -> None:
-    """State-dict post-hook of :class:`DMDLoss`: the frozen real model's tensors are left out."""
+    """State-dict post-hook of :class:`DMDLoss`: the frozen real model's tensors are left out;
+    the sha256 of its file takes their place (32 uint8, zeros for a model given in Python)."""
     for key in [k for k in state if k.startswith(prefix + "real.")]:
         del state[key]
+    state[prefix + SHA256_KEY] = _digest_tensor(module.real_sha256(), module.latent_mean.device)
 
 
 def _keep_real_weights(module: nn.Module, state: dict, prefix: str, *args: Any) -> None:
-    """Load-state-dict pre-hook of :class:`DMDLoss`: the real model keeps the weights it was
-    read with (its own tensors stand in for the keys a checkpoint does not hold; a checkpoint
-    from before storage by reference still holds them and they load as before), and a
-    checkpoint without the reference record loads without the check."""
+    """Load-state-dict pre-hook of :class:`DMDLoss`: refuse a checkpoint trained with another
+    real-model file (sha256), then let the real model keep the weights it was read with (its own
+    tensors stand in for the keys the checkpoint does not hold; a checkpoint from before storage
+    by reference still holds them, and they load as before)."""
+    saved = state.pop(prefix + SHA256_KEY, None)
+    if saved is not None:
+        module.check_reference(bytes(saved.cpu().tolist()).hex())
     for name, tensor in module.real.state_dict().items():
         state.setdefault(f"{prefix}real.{name}", tensor)
-    state.setdefault(f"{prefix}_extra_state", {})
+
+
+def _digest_tensor(hexdigest: str | None, device: torch.device) -> Tensor:
+    raw = bytes.fromhex(hexdigest) if hexdigest else bytes(32)
+    return torch.tensor(list(raw), dtype=torch.uint8, device=device)
 
 
 class DMDLoss(_MatchingMetric):
@@ -227,9 +239,10 @@ class DMDLoss(_MatchingMetric):
     stay in eval mode under ``.train()`` (no random label dropout inside the networks; the fake's
     label dropout is done by :meth:`fake_loss`). Both are submodules, so they move with ``.to()``
     and the fake's weights are in checkpoints. The real model is stored **by reference**: a
-    checkpoint holds its file's path and sha256 and the latent statistics (the
-    ``_extra_state`` entry), never its weights; loading the checkpoint into a DMDLoss built from
-    that path (resume, ``load_from_checkpoint``) checks the sha256 and refuses another file.
+    checkpoint holds its file's sha256 (state entry ``real_sha256``; the owning module also
+    writes path and latent statistics, :meth:`reference`), never its weights; loading such state
+    into a DMDLoss built from the path (resume, ``load_from_checkpoint``) checks the sha256 and
+    refuses another file.
     Every model is called ``model(x, t, y) -> v``: ``x`` (N, C, H, W) fp32, ``t`` (N,) fp32, ``y`` (N,) int64 labels (or None when there is no
     null class and no labels), ``v`` shaped like ``x``.
 
@@ -391,33 +404,33 @@ class DMDLoss(_MatchingMetric):
             self._real_sha256 = file_sha256(self._real_path)
         return self._real_sha256
 
-    def get_extra_state(self) -> dict[str, Any]:
-        """What a checkpoint stores of the frozen real model: where it came from and what it
-        was (``path``, ``sha256`` of the file; None for a module given in Python) and the
-        latent statistics; its weights are not stored."""
+    def reference(self) -> dict[str, Any]:
+        """What identifies the frozen real model: ``path`` and ``sha256`` of its checkpoint
+        file (None for a module given in Python) and the latent statistics. Owning modules
+        write it into their checkpoints (DMVAEModule: ``checkpoint["dmd_real_model"]``); the
+        state dict carries the sha256 (``real_sha256``), never the weights."""
         return {
-            "real_model": {
-                "path": self._real_path,
-                "sha256": self.real_sha256(),
-                "latent_mean": float(self.latent_mean),
-                "latent_scale": float(self.latent_scale),
-            }
+            "path": self._real_path,
+            "sha256": self.real_sha256(),
+            "latent_mean": float(self.latent_mean),
+            "latent_scale": float(self.latent_scale),
         }
 
-    def set_extra_state(self, state: Any) -> None:
-        """On resume / load: the real model was read again from its path (``real_model``); a
-        file whose sha256 differs from the one the checkpoint was trained with is refused
-        (:class:`~dmvae_lightning.checkpoints.CheckpointError`)."""
-        saved = (state or {}).get("real_model") or {}
-        expected, current = saved.get("sha256"), None
-        if expected and self._real_path is not None:
-            current = self.real_sha256()
-        if expected and current and current != expected:
+    def check_reference(self, sha256: str | None, recorded_path: str | None = None) -> None:
+        """Raise :class:`~dmvae_lightning.checkpoints.CheckpointError` when state trained with
+        the real-model file of hex digest ``sha256`` is loaded into this loss, whose real model
+        was read from a file with other bytes (no check when either side has no digest: a
+        model given in Python, or state written before storage by reference)."""
+        if not sha256 or sha256 == "0" * 64 or self._real_path is None:
+            return
+        current = self.real_sha256()
+        if current != sha256:
+            where = f" of {recorded_path!r}" if recorded_path else ""
             raise CheckpointError(
                 "DMDLoss.real_model",
                 self._real_path,
                 f"is not the reference model this checkpoint was trained with (sha256 "
-                f"{current[:12]}..., expected {expected[:12]}... of {saved.get('path')!r}).",
+                f"{current[:12]}..., expected {sha256[:12]}...{where}).",
             )
 
     @staticmethod

@@ -446,6 +446,13 @@ class DMVAEModule(EMAInEvaluation, pl.LightningModule):
             self.discriminator.load_state_dict(saved.discriminator, strict=True)
         self._check_reference(saved.real_model)
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """With a DMD loss, the checkpoint records its frozen real model by reference
+        (``checkpoint["dmd_real_model"]``: path, sha256, latent statistics); the weights are not
+        stored (see :class:`~dmvae_lightning.losses.matching.DMDLoss`)."""
+        if isinstance(self.matching_loss, DMDLoss):
+            checkpoint["dmd_real_model"] = self.matching_loss.reference()
+
     def _check_reference(self, recorded: dict[str, Any] | None) -> None:
         """``init_from`` an alignment checkpoint whose DMD real model was read from the path this
         run reads it from: the file must be the one it was trained with (same sha256)."""
