@@ -1,4 +1,5 @@
-# dmvae-lightning: `make demo` runs the Fashion-MNIST pipeline, `make test` the test suite.
+# dmvae-lightning: `make demo` runs the Fashion-MNIST pipeline, `make test` the test suite,
+# `make docs` builds the documentation site.
 # Both set up everything they need on a fresh machine (venv, package, Fashion-MNIST files).
 
 PYTHON ?= python3
@@ -10,12 +11,16 @@ RUNS ?= runs
 
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install data test demo study lint format clean
+.PHONY: install data test demo study docs lint format clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+$(VENV)/.docs-installed: pyproject.toml $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[docs]'
 	touch $@
 
 # The Debian package ships the idx files; without root the loader falls back to torchvision.
@@ -33,6 +38,11 @@ install: $(VENV)/.installed data
 
 test: install
 	$(PY) -m pytest -q
+
+# The documentation site (mkdocs-material + mkdocstrings, from docs/ and the docstrings) into
+# site/; --strict turns every warning (a broken link, a docstring that does not parse) into an error.
+docs: $(VENV)/.docs-installed
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks examples
@@ -52,4 +62,4 @@ study: install
 	$(PY) -m dmvae_lightning.study --runs $(RUNS)/study --seeds $(SEEDS) $(if $(ARMS),--arms $(ARMS))
 
 clean:
-	rm -rf $(VENV) $(RUNS) .pytest_cache
+	rm -rf $(VENV) $(RUNS) .pytest_cache site

@@ -22,6 +22,7 @@ from dmvae_lightning import (
 SUBPACKAGES = ("callbacks", "data", "losses", "metrics", "modules", "nets")
 HOMES = (
     *SUBPACKAGES,
+    "checkpoints",
     "distributed",
     "ema",
     "latents",

@@ -15,6 +15,7 @@ from dmvae_lightning.callbacks import (
     ReferenceFeeder,
     SynchronizedRequeue,
 )
+from dmvae_lightning.checkpoints import CheckpointError
 from dmvae_lightning.data import (
     BankSource,
     CheckpointFeatureSource,
@@ -138,5 +139,7 @@ __all__ = [
     "feature_stats",
     "frechet_distance",
     "load_frozen_tokenizer",
+    # checkpoints
+    "CheckpointError",
 ]
 __version__ = "0.1.0"

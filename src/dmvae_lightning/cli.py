@@ -5,7 +5,7 @@ Examples::
     dmvae fit --config configs/fashion_mnist/tokenizer.yaml
     dmvae fit --config configs/imagenet.yaml --trainer.num_nodes 4
     dmvae fit --config configs/fashion_mnist/tokenizer.yaml --print_config
-    dmvae import-public dit --src public_dit.pt --out generator.ckpt   # see convert.py
+    dmvae import-public dit --src public_dit.pt --out generator.ckpt   # see interop/public.py
     dmvae sample --ckpt generator.ckpt --out samples/                   # see sampling.py
 
 Besides Lightning's ``fit`` / ``validate`` / ``test`` / ``predict``, the tools of the package are
@@ -54,7 +54,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "gFID / IS of samples, rFID / PSNR / SSIM / LPIPS of reconstructions",
     ),
     "import-public": (
-        "dmvae_lightning.convert:main",
+        "dmvae_lightning.interop.public:main",
         "convert a public DMVAE / DiT checkpoint into this package's format",
     ),
     "demo": (

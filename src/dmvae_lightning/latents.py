@@ -24,9 +24,7 @@ Read with :class:`LatentCache`, whose items are ``{"reference": (C, H, W) float3
 from __future__ import annotations
 
 import argparse
-import contextvars
 import hashlib
-import inspect
 import json
 import os
 import warnings
@@ -39,6 +37,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
+
+from dmvae_lightning.checkpoints import file_sha256, load_tokenizer, state_dict_sha256
 
 __all__ = [
     "CACHE_FORMAT",
@@ -58,25 +58,6 @@ _DTYPES = {"float16": np.float16, "float32": np.float32}
 
 
 # ---------------------------------------------------------------------------------- hashing
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    """Hex sha256 of a file's bytes (read in 4 MiB chunks)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def state_dict_sha256(module: nn.Module) -> str:
-    """Hex sha256 over a module's state dict: sorted names, dtypes, shapes and raw bytes."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        flat = tensor.detach().cpu().contiguous().reshape(-1)
-        digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(flat.view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 def cache_fingerprint(identity: dict[str, Any]) -> str:
     """Hex sha256 of ``identity`` as canonical JSON (sorted keys, no whitespace)."""
     text = json.dumps(identity, sort_keys=True, separators=(",", ":"), default=str)
@@ -103,67 +84,11 @@ def load_frozen_tokenizer(
     option: str = "--tokenizer_ckpt",
     map_location: str | torch.device = "cpu",
 ) -> nn.Module:
-    """Build the :class:`~dmvae_lightning.modules.dmvae.DMVAEModule` of checkpoint ``path`` with
-    its EMA weights in place of the raw ones, in eval mode, every parameter frozen.
-
-    Only the weights in the file are used: the module is rebuilt from the saved hyperparameters
-    without ``init_from``, LPIPS or a pretrained-encoder file (those only matter for training,
-    and the frozen encoder's weights are in the checkpoint). Its EMA and discriminator are
-    dropped. ``option`` names the setting in error messages.
-
-    Raises:
-        FileNotFoundError: ``path`` is not a file.
-        ValueError: the file holds no ``tokenizer.*`` weights, or they do not fit.
-    """
-    from dmvae_lightning.modules.dmvae import DMVAEModule
-
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(
-            f"{option}: tokenizer checkpoint {str(file)!r} does not exist; train the tokenizer "
-            "stage first (dmvae fit --config configs/<data>/tokenizer.yaml) or fix the path."
-        )
-    from dmvae_lightning.modules.common import torch_load
-
-    ckpt = torch_load(file, option, map_location=map_location)
-    state = ckpt.get("state_dict", ckpt)
-    weights = {k[len("tokenizer.") :]: v for k, v in state.items() if k.startswith("tokenizer.")}
-    if not weights:
-        raise ValueError(
-            f"{option}: {str(file)!r} holds no `tokenizer.*` weights; is it a DMVAEModule checkpoint?"
-        )
-    accepted = set(inspect.signature(DMVAEModule.__init__).parameters) - {"self"}
-    hparams = {k: v for k, v in dict(ckpt.get("hyper_parameters", {})).items() if k in accepted}
-    hparams.update(
-        init_from=None,
-        stage="pretrain",
-        lpips_weight=0.0,
-        lpips=None,
-        ema_decay=None,
-        matching_loss=None,
-        vae_every=None,
-    )
-    encoder = dict(hparams.get("encoder") or {})
-    if encoder.get("pretrained"):
-        encoder["pretrained"] = False
-        hparams["encoder"] = encoder
-    # LightningCLI builds the outer model inside a context variable that hands ITS arguments to
-    # every save_hyperparameters() call; an empty context lets the tokenizer record its own.
-    module = contextvars.Context().run(lambda: DMVAEModule(**hparams))
-    try:
-        module.tokenizer.load_state_dict(weights, strict=True)
-    except RuntimeError as err:
-        raise ValueError(
-            f"{option}: {str(file)!r} does not fit its own hyperparameters: {err}"
-        ) from err
-    with torch.no_grad():
-        for name, param in module.tokenizer.named_parameters():
-            ema = state.get("ema." + name.replace(".", "__"))
-            if ema is not None:
-                param.copy_(ema)
-    module.discriminator = None
-    module.requires_grad_(False)
-    return module.eval()
+    """The frozen :class:`~dmvae_lightning.nets.tokenizer.Tokenizer` of the DMVAEModule
+    checkpoint ``path`` (EMA weights, eval mode, every parameter frozen): see
+    :func:`dmvae_lightning.checkpoints.load_tokenizer`. ``option`` names the setting in error
+    messages (:class:`~dmvae_lightning.checkpoints.CheckpointError`)."""
+    return load_tokenizer(path, option=option, map_location=map_location)
 
 
 # ---------------------------------------------------------------------------------- writing

@@ -16,7 +16,7 @@ from dmvae_lightning.data.sources import ReferenceSource, ReferenceSpec, SourceC
 from dmvae_lightning.latents import META_FILE, LatentCache, describe_dataset
 
 if TYPE_CHECKING:
-    from dmvae_lightning.callbacks.reference_feeder import ReferenceFeeder
+    from dmvae_lightning.data.feeder import ReferenceFeeder
 
 #: Image data sets plus ``"latent_cache"`` (latents written by ``python -m dmvae_lightning.latents``).
 DATASETS = (*DATASET_NAMES, "latent_cache")
@@ -99,7 +99,7 @@ class ReferenceDistribution(L.LightningDataModule):
 
     Reference samples (``reference``, a :class:`~dmvae_lightning.data.sources.ReferenceSpec`;
     sources in :mod:`dmvae_lightning.data.sources`) are fed by a
-    :class:`~dmvae_lightning.callbacks.reference_feeder.ReferenceFeeder` that this data module
+    :class:`~dmvae_lightning.data.feeder.ReferenceFeeder` that this data module
     owns and calls from its ``on_after_batch_transfer`` hook: in the training process, after
     the batch reached the module's device, under the trainer's precision context. Training
     batches get the training stream; validation and test batches a held-out stream keyed by
@@ -178,7 +178,7 @@ class ReferenceDistribution(L.LightningDataModule):
         if reference is not None:
             # Imported here, not at the top: the feeder's module imports data.sources, and
             # importing that package imports this module (a cycle at import time otherwise).
-            from dmvae_lightning.callbacks.reference_feeder import ReferenceFeeder
+            from dmvae_lightning.data.feeder import ReferenceFeeder
 
             self.feeder = ReferenceFeeder(reference, seed=seed, option="data.init_args.reference")
         self.train_set: Dataset | None = None

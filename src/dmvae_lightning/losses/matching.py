@@ -47,7 +47,6 @@ import copy
 import os
 import warnings
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -56,7 +55,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from dmvae_lightning import flow
+import dmvae_lightning.flow as flow
+from dmvae_lightning.checkpoints import CheckpointError, ScoreModel, file_sha256, load_score_model
 from dmvae_lightning.distributed import is_distributed
 from dmvae_lightning.utils.compile import compile_module
 
@@ -193,40 +193,41 @@ class _MatchingMetric(Metric):
 
 
 # ---------------------------------------------------------------------------------- DMD
-def _load_reference_model(path: str | os.PathLike) -> tuple[nn.Module, float, float]:
-    """(DiT with EMA weights, latent_mean, latent_scale) of a LatentDiffusionModule checkpoint."""
-    from dmvae_lightning.modules.common import load_checkpoint_module
-    from dmvae_lightning.modules.diffusion import LatentDiffusionModule
-
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(
-            f"DMDLoss.real_model: reference-model checkpoint {str(file)!r} does not exist; train "
-            "the reference model first (a LatentDiffusionModule on reference samples) or fix "
-            "the path."
-        )
-    module = load_checkpoint_module(
-        LatentDiffusionModule,
-        file,
-        "DMDLoss.real_model",
-        tokenizer_ckpt=None,
-        encode_images=False,
-        compile=False,
-    )
-    if not bool(module.stats_ready):
-        warnings.warn(
-            f"DMDLoss.real_model: {str(file)!r} holds no measured latent statistics; "
-            "normalize() uses latent_mean=0, latent_scale=1",
-            stacklevel=3,
-        )
-    return _from_diffusion_module(module, copy_dit=False)
-
-
-def _from_diffusion_module(module: nn.Module, copy_dit: bool) -> tuple[nn.Module, float, float]:
-    net = copy.deepcopy(module.dit) if copy_dit else module.dit
-    if module.ema is not None:
+def _from_diffusion_module(module: nn.Module) -> ScoreModel:
+    """The DiT (deep-copied, EMA weights in) and latent statistics of a module holding ``dit``,
+    ``ema``, ``latent_mean`` and ``latent_scale`` (a LatentDiffusionModule)."""
+    net = copy.deepcopy(module.dit)
+    if getattr(module, "ema", None) is not None:
         module.ema.copy_to(net)
-    return net, float(module.latent_mean), float(module.latent_scale)
+    return ScoreModel(net, float(module.latent_mean), float(module.latent_scale))
+
+
+SHA256_KEY = "real_sha256"  # state-dict entry: the real model file's sha256 as 32 uint8
+
+
+def _drop_real_weights(module: nn.Module, state: dict, prefix: str, metadata: Any) -> None:
+    """State-dict post-hook of :class:`DMDLoss`: the frozen real model's tensors are left out;
+    the sha256 of its file takes their place (32 uint8, zeros for a model given in Python)."""
+    for key in [k for k in state if k.startswith(prefix + "real.")]:
+        del state[key]
+    state[prefix + SHA256_KEY] = _digest_tensor(module.real_sha256(), module.latent_mean.device)
+
+
+def _keep_real_weights(module: nn.Module, state: dict, prefix: str, *args: Any) -> None:
+    """Load-state-dict pre-hook of :class:`DMDLoss`: refuse a checkpoint trained with another
+    real-model file (sha256), then let the real model keep the weights it was read with (its own
+    tensors stand in for the keys the checkpoint does not hold; a checkpoint from before storage
+    by reference still holds them, and they load as before)."""
+    saved = state.pop(prefix + SHA256_KEY, None)
+    if saved is not None:
+        module.check_reference(bytes(saved.cpu().tolist()).hex())
+    for name, tensor in module.real.state_dict().items():
+        state.setdefault(f"{prefix}real.{name}", tensor)
+
+
+def _digest_tensor(hexdigest: str | None, device: torch.device) -> Tensor:
+    raw = bytes.fromhex(hexdigest) if hexdigest else bytes(32)
+    return torch.tensor(list(raw), dtype=torch.uint8, device=device)
 
 
 class DMDLoss(_MatchingMetric):
@@ -238,13 +239,16 @@ class DMDLoss(_MatchingMetric):
     :meth:`fake_parameters` with the owning module's fake optimizer, on :meth:`fake_loss`). Both
     stay in eval mode under ``.train()`` (no random label dropout inside the networks; the fake's
     label dropout is done by :meth:`fake_loss`). Both are submodules, so they move with ``.to()``
-    and the fake's weights are in checkpoints. Every model is called ``model(x, t, y) -> v``:
-    ``x`` (N, C, H, W) fp32, ``t`` (N,) fp32, ``y`` (N,) int64 labels (or None when there is no
+    and the fake's weights are in checkpoints. The real model is stored **by reference**: a
+    checkpoint holds its file's sha256 (state entry ``real_sha256``; the owning module also
+    writes path and latent statistics, :meth:`reference`), never its weights; loading such state
+    into a DMDLoss built from the path (resume, ``load_from_checkpoint``) checks the sha256 and
+    refuses another file.
+    Every model is called ``model(x, t, y) -> v``: ``x`` (N, C, H, W) fp32, ``t`` (N,) fp32, ``y`` (N,) int64 labels (or None when there is no
     null class and no labels), ``v`` shaped like ``x``.
 
     Latent space: every method takes ``z`` (B, C, H, W) in the score models' (normalised) space.
-    For a real model from a :class:`~dmvae_lightning.modules.diffusion.LatentDiffusionModule`,
-    map raw encoder latents with :meth:`normalize` (``(z - latent_mean) * latent_scale``, buffers
+    For a real model from a LatentDiffusionModule, map raw encoder latents with :meth:`normalize` (``(z - latent_mean) * latent_scale``, buffers
     copied from that module; 0 / 1 otherwise) first.
 
     Per call: ``t ~ U[t_min, t_max(step)]`` (fp32, also under autocast), ``eps ~ N(0, I)`` fp32,
@@ -288,9 +292,10 @@ class DMDLoss(_MatchingMetric):
 
     Args:
         real_model: velocity model ``(x, t, y) -> v`` (frozen in place), a
-            :class:`LatentDiffusionModule` (its DiT, deep-copied, with the EMA weights), or the
-            path of a LatentDiffusionModule checkpoint (loaded with EMA weights, without its
-            tokenizer).
+            :class:`~dmvae_lightning.checkpoints.ScoreModel`, a module with ``dit``, ``ema``
+            and latent statistics such as a LatentDiffusionModule (its DiT, deep-copied, with
+            the EMA weights), or the path of a LatentDiffusionModule checkpoint (read by
+            :func:`~dmvae_lightning.checkpoints.load_score_model`: EMA weights, no tokenizer).
         cfg_scale: guidance scale w for both models (paper: 5; 1 = no guidance).
         t_min, t_max: noise-level range at step 0, ``0 <= t_min < t_max <= 1``.
         anneal_steps: steps over which the range moves linearly to its annealed end (0: never).
@@ -305,6 +310,9 @@ class DMDLoss(_MatchingMetric):
             ``{dynamic: false}`` (one graph for the 2B-row CFG batch, one for the B-row fake
             step). In place and lazy (at the first call), so the state-dict keys are those of
             the eager models.
+        latent_mean, latent_scale: statistics of the real model's latent space (see
+            :meth:`normalize`); None: those of the checkpoint or LatentDiffusionModule, else
+            0 / 1. Give them with a plain velocity network of your own.
         **kwargs: :class:`torchmetrics.Metric` options (``sync_on_compute``, ...).
     """
 
@@ -321,6 +329,8 @@ class DMDLoss(_MatchingMetric):
         fake_label_dropout: float = 0.1,
         anneal_t_min: float | None = None,
         compile: bool | dict[str, Any] = False,
+        latent_mean: float | None = None,
+        latent_scale: float | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -346,7 +356,10 @@ class DMDLoss(_MatchingMetric):
         self.objective: str = objective
         self.fake_label_dropout = float(fake_label_dropout)
 
-        net, mean, scale = self.build_real(real_model)
+        real = self.build_real(real_model)
+        net = real.net
+        mean = real.latent_mean if latent_mean is None else float(latent_mean)
+        scale = real.latent_scale if latent_scale is None else float(latent_scale)
         self.null_class = self._resolve_null_class(net, null_class)
         if self.cfg_scale != 1.0 and self.null_class is None:
             raise ValueError(
@@ -364,22 +377,70 @@ class DMDLoss(_MatchingMetric):
         self.register_buffer("latent_scale", torch.tensor(scale, dtype=torch.float32))
         self.register_buffer("num_steps", torch.zeros((), dtype=torch.long))
         self.last_info: dict[str, Tensor] = {}
+        # The frozen real model is stored by reference, not by value (see the class docstring).
+        self._real_path, self._real_sha256 = real.path, real.sha256
+        self.register_state_dict_post_hook(_drop_real_weights)
+        self.register_load_state_dict_pre_hook(_keep_real_weights)
 
     # ------------------------------------------------------------------ construction hooks
-    def build_real(self, spec: nn.Module | str | os.PathLike) -> tuple[nn.Module, float, float]:
-        """``(velocity model, latent_mean, latent_scale)`` from the ``real_model`` argument."""
+    def build_real(self, spec: nn.Module | str | os.PathLike) -> ScoreModel:
+        """The frozen real velocity network and its latent statistics from the ``real_model``
+        argument (a path is read by :func:`dmvae_lightning.checkpoints.load_score_model`)."""
         if isinstance(spec, (str, os.PathLike)):
-            return _load_reference_model(spec)
+            model = load_score_model(spec, option="DMDLoss.real_model", sha256=False)
+            if not model.stats_ready:
+                warnings.warn(
+                    f"DMDLoss.real_model: {str(spec)!r} holds no measured latent statistics; "
+                    "normalize() uses latent_mean=0, latent_scale=1",
+                    stacklevel=3,
+                )
+            return model
+        if isinstance(spec, ScoreModel):
+            return spec
         if not isinstance(spec, nn.Module):
             raise TypeError(
                 "DMDLoss.real_model must be an nn.Module or the path of a LatentDiffusionModule "
                 f"checkpoint, got {type(spec).__name__}"
             )
-        from dmvae_lightning.modules.diffusion import LatentDiffusionModule
+        if isinstance(getattr(spec, "dit", None), nn.Module) and hasattr(spec, "latent_scale"):
+            return _from_diffusion_module(spec)  # a LatentDiffusionModule
+        return ScoreModel(spec)
 
-        if isinstance(spec, LatentDiffusionModule):
-            return _from_diffusion_module(spec, copy_dit=True)
-        return spec, 0.0, 1.0
+    # ------------------------------------------------------------------ checkpoint by reference
+    def real_sha256(self) -> str | None:
+        """sha256 of the real model's checkpoint file (None when it was given as a module)."""
+        if self._real_sha256 is None and self._real_path is not None:
+            self._real_sha256 = file_sha256(self._real_path)
+        return self._real_sha256
+
+    def reference(self) -> dict[str, Any]:
+        """What identifies the frozen real model: ``path`` and ``sha256`` of its checkpoint
+        file (None for a module given in Python) and the latent statistics. Owning modules
+        write it into their checkpoints (DMVAEModule: ``checkpoint["dmd_real_model"]``); the
+        state dict carries the sha256 (``real_sha256``), never the weights."""
+        return {
+            "path": self._real_path,
+            "sha256": self.real_sha256(),
+            "latent_mean": float(self.latent_mean),
+            "latent_scale": float(self.latent_scale),
+        }
+
+    def check_reference(self, sha256: str | None, recorded_path: str | None = None) -> None:
+        """Raise :class:`~dmvae_lightning.checkpoints.CheckpointError` when state trained with
+        the real-model file of hex digest ``sha256`` is loaded into this loss, whose real model
+        was read from a file with other bytes (no check when either side has no digest: a
+        model given in Python, or state written before storage by reference)."""
+        if not sha256 or sha256 == "0" * 64 or self._real_path is None:
+            return
+        current = self.real_sha256()
+        if current != sha256:
+            where = f" of {recorded_path!r}" if recorded_path else ""
+            raise CheckpointError(
+                "DMDLoss.real_model",
+                self._real_path,
+                f"is not the reference model this checkpoint was trained with (sha256 "
+                f"{current[:12]}..., expected {sha256[:12]}...{where}).",
+            )
 
     @staticmethod
     def _resolve_null_class(net: nn.Module, null_class: int | None) -> int | None:

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from dmvae_lightning.checkpoints import load_classifier
 from dmvae_lightning.metrics.fid import FeatureStats, feature_stats
 
 __all__ = [
@@ -253,8 +254,6 @@ class DomainFeatures(FeatureExtractor):
 
     def __init__(self, checkpoint: str | Path, option: str = "fid_net") -> None:
         super().__init__()
-        from dmvae_lightning.modules.classifier import load_classifier
-
         self.net = load_classifier(checkpoint, option=option).requires_grad_(False).eval()
         self.identity = f"domain/{file_digest(checkpoint)}"
         self.num_features = int(self.net.out_dim)

@@ -60,13 +60,3 @@ def frechet_distance(a: FeatureStats, b: FeatureStats) -> float:
     diff = a.mu.double() - b.mu.double()
     value = diff @ diff + torch.trace(a.sigma) + torch.trace(b.sigma) - 2 * trace_sqrt
     return float(value)
-
-
-def __getattr__(name: str):
-    # DomainFeatures moved to metrics.extractors (one interface with InceptionFeatures); the old
-    # import path keeps working without an import cycle.
-    if name == "DomainFeatures":
-        from dmvae_lightning.metrics.extractors import DomainFeatures
-
-        return DomainFeatures
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

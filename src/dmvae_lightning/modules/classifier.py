@@ -14,15 +14,20 @@ Batches are dicts ``{"image": (B, C, H, W) in [-1, 1], "label": (B,) int64}`` fr
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics.classification import MulticlassAccuracy
 
-from dmvae_lightning.modules.common import linear_warmup, load_checkpoint_module
+from dmvae_lightning.checkpoints import load_classifier
+from dmvae_lightning.modules.common import (
+    build_optimizer,
+    build_scheduler,
+    drop_callables_from_hparams,
+)
 from dmvae_lightning.nets.classifier import ConvClassifier
 
 __all__ = ["ClassifierModule", "load_classifier", "nt_xent", "simclr_views"]
@@ -39,6 +44,9 @@ class ClassifierModule(pl.LightningModule):
         objective: ``"supervised"`` (cross-entropy on the labels) or ``"simclr"`` (labels unused:
             NT-Xent between two augmented views, :func:`simclr_views`, :func:`nt_xent`).
         ssl_temperature, ssl_proj_dim: NT-Xent temperature and projection-head width (simclr).
+        optimizer, scheduler: injected optimizer / scheduler (``OptimizerCallable`` /
+            ``LRSchedulerCallable``); None: AdamW (``lr``, ``weight_decay``, default betas) and
+            linear warm-up.
     """
 
     def __init__(
@@ -58,9 +66,13 @@ class ClassifierModule(pl.LightningModule):
         objective: Literal["supervised", "simclr"] = "supervised",
         ssl_temperature: float = 0.2,
         ssl_proj_dim: int = 64,
+        optimizer: OptimizerCallable | None = None,
+        scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        drop_callables_from_hparams(self, ("optimizer", "scheduler"))
+        self._optimizer_factory, self._scheduler_factory = optimizer, scheduler
         if objective not in ("supervised", "simclr"):
             raise ValueError(
                 f"model.init_args.objective must be 'supervised' or 'simclr', got {objective!r}"
@@ -83,8 +95,11 @@ class ClassifierModule(pl.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        opt = torch.optim.AdamW(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-        return [opt], [{"scheduler": linear_warmup(opt, hp.warmup_steps), "interval": "step"}]
+        opt = build_optimizer(
+            self._optimizer_factory, self.parameters(), hp.lr, weight_decay=hp.weight_decay
+        )
+        sched = build_scheduler(self._scheduler_factory, opt, hp.warmup_steps)
+        return [opt], [{"scheduler": sched, "interval": "step"}]
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch["image"], batch["label"]
@@ -158,17 +173,3 @@ def nt_xent(projections: torch.Tensor, temperature: float) -> torch.Tensor:
     logits = logits.masked_fill(torch.eye(n, dtype=torch.bool, device=z.device), float("-inf"))
     target = (torch.arange(n, device=z.device) + n // 2) % n
     return F.cross_entropy(logits, target)
-
-
-def load_classifier(path: str | Path, option: str = "weights_path") -> ConvClassifier:
-    """The :class:`ConvClassifier` of a ClassifierModule checkpoint (eval mode, on CPU).
-
-    ``option`` names the config option that gave ``path``, for the error messages.
-    """
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise FileNotFoundError(
-            f"{option}: classifier checkpoint {str(file)!r} does not exist; train it with "
-            "`dmvae fit --config configs/fashion_mnist/classifier.yaml` or fix the path."
-        )
-    return load_checkpoint_module(ClassifierModule, file, option).net.eval()

@@ -9,10 +9,11 @@ Where the latents come from (:meth:`LatentDiffusionModule.get_latents`):
 * ``batch[input_key]`` (default ``"reference"``): latents already in the batch, (B, C, H, W),
   e.g. from :class:`~dmvae_lightning.latents.LatentCache` or a reference source;
 * with ``tokenizer_ckpt`` set: ``batch["image"]`` (B, C_img, H_img, W_img) in [-1, 1] encoded on
-  the fly by a frozen :class:`~dmvae_lightning.modules.dmvae.DMVAEModule` built from that
-  checkpoint (EMA weights, eval mode, no gradient). The tokenizer is *held*, not registered as a
-  submodule: it is absent from this module's ``state_dict`` / checkpoints, from the optimizer
-  and from DDP, and ``.to()`` / ``.train()`` do not reach it (it follows ``self.device`` lazily).
+  the fly by the frozen :class:`~dmvae_lightning.nets.tokenizer.Tokenizer` of that DMVAEModule
+  checkpoint (read by :func:`~dmvae_lightning.checkpoints.load_tokenizer`; EMA weights, eval
+  mode, no gradient). The tokenizer is *held*, not registered as a submodule: it is absent
+  from this module's ``state_dict`` / checkpoints, from the optimizer and from DDP, and
+  ``.to()`` / ``.train()`` do not reach it (it follows ``self.device`` lazily).
   With a tokenizer, samples can be decoded to images (validation grid, ``predict``).
 
 Conventions: flow matching as in :mod:`dmvae_lightning.flow` (t = 1 data, t = 0 noise,
@@ -60,15 +61,21 @@ from typing import Any, Literal, TypedDict
 import lightning.pytorch as pl
 import torch
 import torchvision
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import move_data_to_device, rank_zero_info
 from torch import nn
 from torch.utils.data import DataLoader
 
 from dmvae_lightning import flow
+from dmvae_lightning.checkpoints import load_tokenizer
 from dmvae_lightning.distributed import broadcast_tensors
 from dmvae_lightning.ema import EMA
-from dmvae_lightning.latents import load_frozen_tokenizer
-from dmvae_lightning.modules.common import EMAInEvaluation, linear_warmup
+from dmvae_lightning.modules.common import (
+    EMAInEvaluation,
+    build_optimizer,
+    build_scheduler,
+    drop_callables_from_hparams,
+)
 from dmvae_lightning.nets.dit import DiT
 from dmvae_lightning.nonfinite import NonFiniteGuard, NonFiniteSpec
 from dmvae_lightning.utils.compile import compile_module
@@ -122,7 +129,7 @@ class LatentDiffusionModule(EMAInEvaluation, pl.LightningModule):
         stats_batches: training batches (per rank) used to measure the statistics.
         time_dist, time_mean, time_std, time_shift: training-time distribution
             (:func:`~dmvae_lightning.flow.sample_t`: uniform or logit-normal, then the shift).
-        lr, betas, weight_decay: AdamW (paper: 2e-4, (0.9, 0.95), 0).
+        lr, betas, weight_decay: the default AdamW (paper: 2e-4, (0.9, 0.95), 0).
         warmup_steps: linear learning-rate warm-up in optimizer steps.
         ema_decay: EMA decay of the DiT (paper 0.9999); None disables EMA.
         ema_warmup: use the ``min(decay, (1 + n) / (10 + n))`` warm-up of the EMA decay.
@@ -142,6 +149,11 @@ class LatentDiffusionModule(EMAInEvaluation, pl.LightningModule):
         nonfinite: :class:`~dmvae_lightning.nonfinite.NonFiniteSpec`: a NaN / inf loss or
             gradient stops the run (``mode: stop``, default) or skips the step (``mode: skip``,
             counted, up to ``max_skips``). A checkpoint with non-finite tensors is never written.
+        optimizer, scheduler: injected optimizer / learning-rate scheduler of the DiT
+            (``lightning.pytorch.cli.OptimizerCallable`` / ``LRSchedulerCallable``, e.g.
+            ``{class_path: torch.optim.SGD, init_args: {lr: 0.01}}`` in YAML); None: AdamW with
+            ``lr``, ``betas``, ``weight_decay`` (fused on CUDA) and linear warm-up over
+            ``warmup_steps``, stepped per optimizer step.
     """
 
     def __init__(
@@ -177,9 +189,13 @@ class LatentDiffusionModule(EMAInEvaluation, pl.LightningModule):
         compile_backend: str = "inductor",
         fsdp_reshard_after_forward: bool = True,
         nonfinite: NonFiniteSpec | None = None,
+        optimizer: OptimizerCallable | None = None,
+        scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        drop_callables_from_hparams(self, ("optimizer", "scheduler"))
+        self._optimizer_factory, self._scheduler_factory = optimizer, scheduler
         self._check_arguments()
         self.nonfinite_guard = NonFiniteGuard.from_spec(nonfinite)
         self._last_loss: tuple[int, torch.Tensor, dict[str, Any]] | None = None
@@ -204,7 +220,7 @@ class LatentDiffusionModule(EMAInEvaluation, pl.LightningModule):
         # Held outside the module tree: not in state_dict, parameters(), DDP or .train()/.to().
         object.__setattr__(self, "_tokenizer", tokenizer)
         if tokenizer is not None:
-            channels = getattr(getattr(tokenizer, "hparams", {}), "latent_channels", None)
+            channels = getattr(tokenizer, "latent_channels", None)
             if channels is not None and channels != latent_shape[0]:
                 raise ValueError(
                     f"model.init_args.latent_shape has {latent_shape[0]} channels but the "
@@ -324,7 +340,7 @@ class LatentDiffusionModule(EMAInEvaluation, pl.LightningModule):
         tokenizer of checkpoint ``path``: a module with ``encode(images) -> raw latents`` and
         ``decode(latents) -> images``, EMA weights in, eval mode, no gradient (it is held
         outside this module's state)."""
-        return load_frozen_tokenizer(path, option="model.init_args.tokenizer_ckpt")
+        return load_tokenizer(path, option="model.init_args.tokenizer_ckpt")
 
     @property
     def tokenizer(self) -> nn.Module | None:
@@ -527,10 +543,10 @@ class LatentDiffusionModule(EMAInEvaluation, pl.LightningModule):
     # ------------------------------------------------------------------ Lightning: training
     def configure_optimizers(self):
         hp = self.hparams
-        opt = torch.optim.AdamW(
-            self.dit.parameters(), lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay
+        opt = build_optimizer(
+            self._optimizer_factory, self.dit.parameters(), hp.lr, hp.betas, hp.weight_decay
         )
-        sched = linear_warmup(opt, hp.warmup_steps)
+        sched = build_scheduler(self._scheduler_factory, opt, hp.warmup_steps)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:

@@ -54,30 +54,50 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from pathlib import Path
 from typing import Any, Literal, TypedDict
 
 import lightning.pytorch as pl
 import torch
 import torchvision
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 from torchmetrics import Metric, MetricCollection
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
 
+from dmvae_lightning.checkpoints import (
+    CheckpointError,
+    build_decoder,
+    build_encoder,
+    load_tokenizer_state,
+)
 from dmvae_lightning.distributed import ExplicitDDPStrategy
 from dmvae_lightning.ema import EMA
 from dmvae_lightning.losses.adversarial import AdversarialLoss
 from dmvae_lightning.losses.matching import DMDLoss, GaussianKLLoss
 from dmvae_lightning.losses.reconstruction import ReconstructionLoss
-from dmvae_lightning.modules.common import EMAInEvaluation, linear_warmup, torch_load
-from dmvae_lightning.nets.decoder import Decoder
+from dmvae_lightning.modules.common import (
+    EMAInEvaluation,
+    build_optimizer,
+    build_scheduler,
+    drop_callables_from_hparams,
+)
 from dmvae_lightning.nets.discriminator import PatchDiscriminator
-from dmvae_lightning.nets.encoders import MLPBottleneck, build_encoder
+from dmvae_lightning.nets.encoders import MLPBottleneck
 from dmvae_lightning.nets.tokenizer import Tokenizer
 from dmvae_lightning.nonfinite import NonFiniteGuard, NonFiniteSpec, batchnorm_stats
 from dmvae_lightning.utils.compile import compile_module
 from dmvae_lightning.utils.rng import step_rng
+
+_FACTORIES = (
+    "optimizer",
+    "scheduler",
+    "disc_optimizer",
+    "disc_scheduler",
+    "fake_optimizer",
+    "fake_scheduler",
+)
+_INJECTED = ("matching_loss", *_FACTORIES)
 
 
 class EncoderSpec(TypedDict, total=False):
@@ -154,7 +174,8 @@ class DMVAEModule(EMAInEvaluation, pl.LightningModule):
             (gradients averaged over the ranks in distributed training: the global batch's).
         diffaug: DiffAugment policy for the discriminator inputs ("" disables).
         consistency_weight: bCR consistency-regularisation weight for the discriminator.
-        lr, disc_lr: AdamW learning rates (``disc_lr`` defaults to ``lr``).
+        lr, disc_lr: AdamW learning rates (``disc_lr`` defaults to ``lr``) of the default
+            optimizers (see ``optimizer`` below).
         betas, weight_decay, disc_weight_decay: AdamW settings (paper: (0.9, 0.95), 5e-3, 5e-4).
         warmup_steps: linear learning-rate warm-up in optimizer steps.
         grad_clip: gradient-norm clip for both optimizers (0 disables).
@@ -188,6 +209,14 @@ class DMVAEModule(EMAInEvaluation, pl.LightningModule):
             ``channels_last`` memory format (NHWC convolutions; often faster on GPUs with
             tensor cores, measure with ``benchmarks/bench_train_step.py``). Values and
             checkpoints are unchanged.
+        optimizer, disc_optimizer, fake_optimizer: injected optimizers of the generator
+            (tokenizer), the discriminator and the DMD fake score model
+            (``lightning.pytorch.cli.OptimizerCallable``; in YAML ``{class_path:
+            torch.optim.SGD, init_args: {lr: 0.01}}``). None: AdamW with ``lr`` / ``disc_lr`` /
+            ``fake_lr``, ``betas`` and the weight decays above (fused on CUDA).
+        scheduler, disc_scheduler, fake_scheduler: injected learning-rate schedulers
+            (``LRSchedulerCallable``), stepped with their optimizer. None: linear warm-up over
+            ``warmup_steps``.
     """
 
     def __init__(
@@ -230,17 +259,30 @@ class DMVAEModule(EMAInEvaluation, pl.LightningModule):
         nonfinite: NonFiniteSpec | None = None,
         compile: bool | dict[str, Any] = False,
         channels_last: bool = False,
+        optimizer: OptimizerCallable | None = None,
+        scheduler: LRSchedulerCallable | None = None,
+        disc_optimizer: OptimizerCallable | None = None,
+        disc_scheduler: LRSchedulerCallable | None = None,
+        fake_optimizer: OptimizerCallable | None = None,
+        fake_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
         with warnings.catch_warnings():
             # A loss built in Python is an nn.Module; it is dropped from the hparams just below.
             warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`.*")
             self.save_hyperparameters()
-        if isinstance(self.hparams.get("matching_loss"), nn.Module):
-            # Built in Python (not from a config): keep the module out of the checkpoint's
-            # hyperparameters (its weights are in the state dict); pass it again when loading.
-            self.hparams.pop("matching_loss")
-            self._hparams_initial.pop("matching_loss", None)
+        # Built in Python (not from a config): keep the loss module (its weights are in the
+        # state dict) and optimizer factories out of the checkpoint's hyperparameters; pass
+        # them again when loading.
+        drop_callables_from_hparams(self, _INJECTED)
+        self._factories = dict(
+            optimizer=optimizer,
+            scheduler=scheduler,
+            disc_optimizer=disc_optimizer,
+            disc_scheduler=disc_scheduler,
+            fake_optimizer=fake_optimizer,
+            fake_scheduler=fake_scheduler,
+        )
         self.automatic_optimization = False
         if stage not in ("pretrain", "align", "finetune"):
             raise ValueError(
@@ -301,12 +343,9 @@ class DMVAEModule(EMAInEvaluation, pl.LightningModule):
         """Called once by :meth:`configure_models` (in ``__init__``). Must return the encoder: an
         ``nn.Module`` mapping images (B, C_img, H, W) in [-1, 1] to features (B, D, h, w), with
         an ``out_dim`` attribute (D, which sizes the bottleneck). Default: from the ``encoder``
-        spec (:func:`~dmvae_lightning.nets.encoders.build_encoder`). Override to plug in another
+        spec (:func:`dmvae_lightning.checkpoints.build_encoder`). Override to plug in another
         backbone; ``self.hparams`` (e.g. ``self.hparams.encoder``) is available."""
-        spec: dict[str, Any] = {"name": "conv", **(self.hparams.encoder or {})}
-        spec.setdefault("in_channels", self.hparams.image_channels)
-        spec.update(spec.pop("timm_kwargs", None) or {})
-        return build_encoder(spec)
+        return build_encoder(self.hparams.encoder, self.hparams.image_channels)
 
     def build_bottleneck(self, in_dim: int) -> nn.Module:
         """Called once by :meth:`configure_models` with ``in_dim`` = the encoder's ``out_dim``.
@@ -323,15 +362,8 @@ class DMVAEModule(EMAInEvaluation, pl.LightningModule):
         mapping raw latents (B, C, h, w) to images (B, C_img, H, W) (roughly [-1, 1],
         unclamped), with ``get_last_layer()`` returning the last layer's weight (for the adaptive
         GAN weight). Default: :class:`~dmvae_lightning.nets.decoder.Decoder` from ``decoder``."""
-        spec = dict(self.hparams.decoder or {})
-        try:
-            return Decoder(
-                z_channels=self.hparams.latent_channels,
-                out_channels=self.hparams.image_channels,
-                **spec,
-            )
-        except TypeError as err:
-            raise TypeError(f"model.init_args.decoder: {err}") from err
+        hp = self.hparams
+        return build_decoder(hp.decoder, hp.latent_channels, hp.image_channels)
 
     def build_discriminator(self) -> nn.Module:
         """Called once by :meth:`configure_models`. Must return the discriminator: an
@@ -411,36 +443,48 @@ class DMVAEModule(EMAInEvaluation, pl.LightningModule):
 
     def load_tokenizer_weights(self, path: str) -> None:
         """Load tokenizer (and, when present and compatible, discriminator) weights from a
-        DMVAEModule checkpoint; the EMA weights, when saved, replace the raw ones."""
-        file = Path(path)
-        if not file.is_file():
-            raise FileNotFoundError(
-                f"model.init_args.init_from: checkpoint {str(file)!r} does not exist; train the "
-                "previous stage first or fix the path."
-            )
-        state = torch_load(file, "model.init_args.init_from", map_location="cpu")
-        state = state.get("state_dict", state)
-        tok = {k[len("tokenizer.") :]: v for k, v in state.items() if k.startswith("tokenizer.")}
-        if not tok:
-            raise ValueError(
-                f"model.init_args.init_from: {str(file)!r} holds no `tokenizer.*` weights; is it "
-                "a DMVAEModule checkpoint?"
-            )
-        self.tokenizer.load_state_dict(tok, strict=True)
+        DMVAEModule checkpoint (:func:`dmvae_lightning.checkpoints.load_tokenizer_state`); the
+        EMA weights, when saved, replace the raw ones. A file that does not fit is a
+        :class:`~dmvae_lightning.checkpoints.CheckpointError` naming ``init_from``."""
+        option = "model.init_args.init_from"
+        saved = load_tokenizer_state(path, option)
+        try:
+            self.tokenizer.load_state_dict(saved.tokenizer, strict=True)
+        except RuntimeError as err:
+            detail = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+            raise CheckpointError(
+                option,
+                saved.file,
+                "does not fit this model (another encoder, decoder or latent size?):\n  "
+                + (detail[1] if len(detail) > 1 else detail[0])[:300],
+            ) from err
         # The previous stage's EMA (buffers named like the parameters, '.' -> '__') is the
         # better starting point: it replaces the raw weights where present.
         with torch.no_grad():
             for name, param in self.tokenizer.named_parameters():
-                key = "ema." + name.replace(".", "__")
-                if key in state:
-                    param.copy_(state[key])
-        disc = {
-            k[len("discriminator.") :]: v
-            for k, v in state.items()
-            if k.startswith("discriminator.")
-        }
-        if disc:
-            self.discriminator.load_state_dict(disc, strict=True)
+                ema = saved.ema.get(name.replace(".", "__"))
+                if ema is not None:
+                    param.copy_(ema)
+        if saved.discriminator:
+            self.discriminator.load_state_dict(saved.discriminator, strict=True)
+        self._check_reference(saved.real_model)
+
+    def _check_reference(self, recorded: dict[str, Any] | None) -> None:
+        """``init_from`` an alignment checkpoint whose DMD real model was read from the path this
+        run reads it from: the file must be the one it was trained with (same sha256)."""
+        loss = self.matching_loss
+        if not recorded or not isinstance(loss, DMDLoss) or not recorded.get("sha256"):
+            return
+        path = getattr(loss, "_real_path", None)
+        if path is None or str(recorded.get("path")) != str(path):
+            return  # another reference model, chosen on purpose for this run
+        if loss.real_sha256() != recorded["sha256"]:
+            raise CheckpointError(
+                "DMDLoss.real_model",
+                path,
+                "changed since the init_from checkpoint was trained with it (sha256 differs); "
+                "restore that file or point real_model at it.",
+            )
 
     def _set_trainable(self) -> None:
         if self.hparams.stage == "finetune":
@@ -558,33 +602,39 @@ class DMVAEModule(EMAInEvaluation, pl.LightningModule):
             )
 
     def configure_optimizers(self):
-        """AdamW + linear warm-up for the generator, the discriminator and (with a DMD loss)
-        the fake score model, in that order."""
-        hp = self.hparams
+        """Generator, discriminator and (with a DMD loss) fake score model optimizers, in that
+        order, each with its step-interval scheduler: the injected ``optimizer`` /
+        ``scheduler`` arguments, else AdamW + linear warm-up
+        (:func:`~dmvae_lightning.modules.common.build_optimizer`)."""
+        hp, make = self.hparams, self._factories
         gen_params = [p for p in self.tokenizer.parameters() if p.requires_grad]
         if not gen_params:
             raise ValueError("Nothing to train: every tokenizer parameter is frozen.")
         optimizers = [
-            torch.optim.AdamW(gen_params, lr=hp.lr, betas=hp.betas, weight_decay=hp.weight_decay),
-            torch.optim.AdamW(
+            build_optimizer(make["optimizer"], gen_params, hp.lr, hp.betas, hp.weight_decay),
+            build_optimizer(
+                make["disc_optimizer"],
                 self.discriminator.parameters(),
-                lr=hp.disc_lr if hp.disc_lr is not None else hp.lr,
-                betas=hp.betas,
-                weight_decay=hp.disc_weight_decay,
+                hp.disc_lr if hp.disc_lr is not None else hp.lr,
+                hp.betas,
+                hp.disc_weight_decay,
             ),
         ]
+        scheduler_factories = [make["scheduler"], make["disc_scheduler"]]
         if self.trains_fake:
             optimizers.append(
-                torch.optim.AdamW(
+                build_optimizer(
+                    make["fake_optimizer"],
                     self.matching_loss.fake_parameters(),
-                    lr=hp.fake_lr if hp.fake_lr is not None else hp.lr,
-                    betas=hp.betas,
-                    weight_decay=hp.fake_weight_decay,
+                    hp.fake_lr if hp.fake_lr is not None else hp.lr,
+                    hp.betas,
+                    hp.fake_weight_decay,
                 )
             )
+            scheduler_factories.append(make["fake_scheduler"])
         schedulers = [
-            {"scheduler": linear_warmup(opt, hp.warmup_steps), "interval": "step"}
-            for opt in optimizers
+            {"scheduler": build_scheduler(factory, opt, hp.warmup_steps), "interval": "step"}
+            for factory, opt in zip(scheduler_factories, optimizers, strict=True)
         ]
         return optimizers, schedulers
 
@@ -630,9 +680,13 @@ class DMVAEModule(EMAInEvaluation, pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse to write a checkpoint with non-finite tensors (see ``nonfinite``); keep the
-        count of skipped steps."""
+        count of skipped steps. With a DMD loss, record its frozen real model by reference
+        (``checkpoint["dmd_real_model"]``: path, sha256, latent statistics); the weights are not
+        stored (see :class:`~dmvae_lightning.losses.matching.DMDLoss`)."""
         self.nonfinite_guard.check_checkpoint(checkpoint, self._trainer)
         checkpoint["nonfinite_skips"] = self.nonfinite_guard.skips
+        if isinstance(self.matching_loss, DMDLoss):
+            checkpoint["dmd_real_model"] = self.matching_loss.reference()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.nonfinite_guard.skips = int(checkpoint.get("nonfinite_skips", 0))

@@ -48,12 +48,18 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from dmvae_lightning.data.sources import Draw, ReferenceSpec, build_source
 from dmvae_lightning.losses.matching import DMDLoss
 from dmvae_lightning.metrics.distances import cloud_metrics
+from dmvae_lightning.modules.common import (
+    build_optimizer,
+    build_scheduler,
+    drop_callables_from_hparams,
+)
 from dmvae_lightning.utils.rng import step_rng, step_seed
 
 __all__ = ["PointAlignmentModule"]
@@ -111,6 +117,11 @@ class PointAlignmentModule(pl.LightningModule):
         label: class label of every point for ``DMDLoss`` (both score models and the fake
             training): 0 for a real model trained on one class (``configs/toy2d/real.yaml``);
             None passes no labels (the null class, for a model trained with label dropout).
+        optimizer, fake_optimizer: injected optimizers of the points and of the DMD fake model
+            (``lightning.pytorch.cli.OptimizerCallable``); None: AdamW with ``lr`` / ``betas``
+            / ``weight_decay`` and ``fake_lr`` / ``fake_betas`` / no weight decay.
+        scheduler, fake_scheduler: injected schedulers (``LRSchedulerCallable``), stepped
+            after each step of their optimizer; None: a constant learning rate.
     """
 
     def __init__(
@@ -139,9 +150,22 @@ class PointAlignmentModule(pl.LightningModule):
         plot_every_n_epochs: int = 0,
         name: str | None = None,
         label: int | None = 0,
+        optimizer: OptimizerCallable | None = None,
+        scheduler: LRSchedulerCallable | None = None,
+        fake_optimizer: OptimizerCallable | None = None,
+        fake_scheduler: LRSchedulerCallable | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["loss"])
+        drop_callables_from_hparams(
+            self, ("optimizer", "scheduler", "fake_optimizer", "fake_scheduler")
+        )
+        self._factories = dict(
+            optimizer=optimizer,
+            scheduler=scheduler,
+            fake_optimizer=fake_optimizer,
+            fake_scheduler=fake_scheduler,
+        )
         self.automatic_optimization = False
         self.loss = loss
         self._check_arguments()
@@ -241,6 +265,7 @@ class PointAlignmentModule(pl.LightningModule):
         if hp.fake_grad_clip:
             self.clip_gradients(optimizer, gradient_clip_val=float(hp.fake_grad_clip))
         optimizer.step()
+        self._step_scheduler(1)
         return loss.detach()
 
     def matching_loss(self, step: int) -> Tensor:
@@ -259,19 +284,35 @@ class PointAlignmentModule(pl.LightningModule):
     def train_dataloader(self) -> DataLoader:
         return DataLoader(_Clock(self.hparams.batches_per_epoch), batch_size=1)
 
-    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
-        hp = self.hparams
+    def configure_optimizers(self):
+        """The points' optimizer and (with a trained DMD fake model) the fake model's: the
+        injected ones, else AdamW; with an injected scheduler, one scheduler per optimizer
+        (constant where none is given)."""
+        hp, make = self.hparams, self._factories
         optimizers = [
-            torch.optim.AdamW(
-                [self.points], lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay
-            )
+            build_optimizer(make["optimizer"], [self.points], hp.lr, hp.betas, hp.weight_decay)
         ]
+        factories = [make["scheduler"]]
         if self.trains_fake:
             fake = [p for p in self.loss.fake_parameters() if p.requires_grad]
             optimizers.append(
-                torch.optim.AdamW(fake, lr=hp.fake_lr, betas=tuple(hp.fake_betas), weight_decay=0)
+                build_optimizer(make["fake_optimizer"], fake, hp.fake_lr, hp.fake_betas)
             )
-        return optimizers
+            factories.append(make["fake_scheduler"])
+        if all(f is None for f in factories):
+            return optimizers
+        schedulers = [
+            {"scheduler": build_scheduler(f, opt, 0), "interval": "step"}
+            for f, opt in zip(factories, optimizers, strict=True)
+        ]
+        return optimizers, schedulers
+
+    def _step_scheduler(self, index: int) -> None:
+        schedulers = self.lr_schedulers()
+        if schedulers is None:
+            return
+        schedulers = schedulers if isinstance(schedulers, list) else [schedulers]
+        schedulers[index].step()
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
         optimizers = self.optimizers()
@@ -288,6 +329,7 @@ class PointAlignmentModule(pl.LightningModule):
                 opt.zero_grad(set_to_none=True)
                 self.manual_backward(loss)
                 opt.step()
+                self._step_scheduler(0)
                 self.points_steps += 1
                 logs["train/matching_loss"] = loss.detach()
         self.batch_count += 1

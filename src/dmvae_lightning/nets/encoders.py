@@ -278,21 +278,17 @@ class MLPBottleneck(nn.Module):
 
 class ClassifierEncoder(nn.Module):
     """The feature map of a trained :class:`~dmvae_lightning.nets.classifier.ConvClassifier`
-    (a ClassifierModule checkpoint) as an encoder: the CPU-scale stand-in for a frozen
-    foundation model.
+    as an encoder: the CPU-scale stand-in for a frozen foundation model. A config names the
+    ClassifierModule checkpoint (``encoder: {name: classifier, weights_path: ...}``), which
+    :func:`dmvae_lightning.checkpoints.build_encoder` reads into ``net``.
 
-    Input (B, in_channels, H, W) in [-1, 1] -> (B, out_dim, H/f, W/f); the architecture comes
-    from the checkpoint. ``frozen``: ``requires_grad_(False)`` (the paper's stage 1); set
-    ``frozen: false`` to train it (the alignment stage trains the whole VAE).
+    Input (B, in_channels, H, W) in [-1, 1] -> (B, out_dim, H/f, W/f). ``frozen``:
+    ``requires_grad_(False)`` (the paper's stage 1); set ``frozen: false`` to train it (the
+    alignment stage trains the whole VAE).
     """
 
-    def __init__(
-        self, weights_path: str | os.PathLike, frozen: bool = True, in_channels: int = 1
-    ) -> None:
+    def __init__(self, net: nn.Module, frozen: bool = True, in_channels: int = 1) -> None:
         super().__init__()
-        from dmvae_lightning.modules.classifier import load_classifier
-
-        net = load_classifier(weights_path, option="model.init_args.encoder.weights_path")
         if net.in_channels != in_channels:
             raise ValueError(
                 f"model.init_args.encoder.weights_path: the classifier takes {net.in_channels} "
@@ -324,7 +320,9 @@ _ENCODERS: dict[str, type[nn.Module]] = {
 
 
 def build_encoder(spec: Mapping[str, Any]) -> nn.Module:
-    """Build an encoder from `{"name": "conv" | "timm" | "classifier", **constructor_kwargs}`.
+    """Build an encoder from `{"name": "conv" | "timm" | "classifier", **constructor_kwargs}`
+    ("classifier" takes a built ``net``; :func:`dmvae_lightning.checkpoints.build_encoder` reads
+    a config's ``weights_path`` into it).
 
     Unknown names raise ValueError; unknown keys raise TypeError (for "timm", keys that are not
     TimmEncoder arguments go to `timm.create_model`, which rejects those it does not know).
