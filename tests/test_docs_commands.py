@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import os
 import re
 import shlex
 import sys
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 import tomllib
 
-from dmvae_lightning.cli import main
+from dmvae_lightning.cli import ALIASES, COMMANDS, main
 
 REPO = Path(__file__).resolve().parents[1]
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -104,10 +105,15 @@ def placeholders(command: str) -> str:
 
 
 def check_dmvae(args: list[str], cwd: Path, capsys) -> None:
-    if args and args[0] == "import_public":
+    if args and args[0] in ("import_public", "import-public"):
         with pytest.raises(SystemExit) as exc:
             main([*args[:2], "--help"])
         assert exc.value.code in (0, None)
+        return
+    if args and (args[0] in COMMANDS or args[0] in ALIASES):  # a tool: its --help must run
+        with working_directory(cwd), pytest.raises(SystemExit) as exc:
+            main([args[0], "--help"])
+        assert exc.value.code in (0, None), capsys.readouterr().err[-2000:]
         return
     assert args and args[0] in ("fit", "validate", "test", "predict"), args
     with working_directory(cwd), pytest.raises(SystemExit) as exc:
@@ -151,7 +157,10 @@ def test_shown_command_is_valid(page, line, command, cwd, capsys):
     elif program == "pip":
         check_pip(args, cwd)
     elif program == "make":
-        assert set(args) <= make_targets(), f"no make target {set(args) - make_targets()}"
+        targets = {a for a in args if "=" not in a}  # VAR=value arguments are variables
+        assert targets <= make_targets(), f"no make target {targets - make_targets()}"
+    elif program.startswith("scripts/") and program.endswith(".sh"):
+        assert (cwd / program).is_file() and os.access(cwd / program, os.X_OK), program
     elif program == "sbatch":
         scripts = [a for a in args if a.endswith(".sbatch")]
         assert scripts and all((cwd / s).is_file() for s in scripts), args

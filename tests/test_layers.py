@@ -26,6 +26,7 @@ LAYERS = {
     "distributed": 0,
     "ema": 0,
     "plots": 0,
+    "nonfinite": 0,
     "nets": 1,
     "checkpoints": 2,
     "data": 3,

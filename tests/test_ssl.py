@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from dmvae_lightning.checkpoints import load_classifier
 from dmvae_lightning.modules.classifier import ClassifierModule, nt_xent, simclr_views
 from dmvae_lightning.nets.encoders import ClassifierEncoder
 
@@ -64,7 +65,7 @@ def test_simclr_module_trains_without_labels_and_loads_as_an_encoder(tmp_path):
     trainer.fit(module, DataLoader(data, batch_size=8))
     ckpt = tmp_path / "ssl.ckpt"
     trainer.save_checkpoint(ckpt)
-    encoder = ClassifierEncoder(ckpt, frozen=True)
+    encoder = ClassifierEncoder(load_classifier(ckpt), frozen=True)
     module.eval()
     with torch.no_grad():
         assert torch.equal(encoder(x), module.net.features(x))
