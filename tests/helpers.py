@@ -145,3 +145,25 @@ class SlurmProbe(SaveRankState):
         self.seen += 1
         if self.seen == self.at:
             os.kill(os.getpid(), signal.SIGUSR1)
+
+
+REPO = Path(__file__).resolve().parents[1]
+#: Folders of overlays stacked on the base config of the same name one folder up (as the demo
+#: runs them): the matching-weight-0 ablation and the per-sample-KL VAE baseline.
+OVERLAY_DIRS = ("ablation", "kl_vae")
+
+
+def shipped_configs() -> list[str]:
+    """Every ``dmvae`` config under configs/ (repository-relative), without the study's arm
+    files (``configs/*/study/*.yaml``: arm specs read by dmvae_lightning.study, not configs)."""
+    paths = (REPO / "configs").rglob("*.yaml")
+    return sorted(str(p.relative_to(REPO)) for p in paths if p.parent.name != "study")
+
+
+def config_stack(config: str) -> list[str]:
+    """``--config`` arguments for a shipped file: an overlay (:data:`OVERLAY_DIRS`) is stacked
+    on the base config of the same name one folder up."""
+    path = REPO / config
+    if path.parent.name in OVERLAY_DIRS:
+        return ["--config", str(path.parent.parent / path.name), "--config", str(path)]
+    return ["--config", str(path)]

@@ -8,13 +8,13 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import SaveAtBatch, assert_same, checkpoints
+from helpers import SaveAtBatch, assert_same, checkpoints, config_stack, shipped_configs
 
 from dmvae_lightning.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "tests" / "configs" / "tokenizer_tiny.yaml")
-ALL_CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml"))
+ALL_CONFIGS = shipped_configs()
 
 
 def fit(tmp_path: Path, *extra: str, config: str = TINY):
@@ -26,15 +26,6 @@ def build(tmp_path: Path, *extra: str):
     """The tiny config's model, data and trainer, built but not run (``run=False``)."""
     args = ["--config", TINY, "--trainer.default_root_dir", str(tmp_path), *extra]
     return main(args, run=False)
-
-
-def config_stack(config: str) -> list[str]:
-    """``--config`` arguments for a shipped file: an overlay under ``ablation/`` is stacked on
-    the base config of the same name one folder up (as the demo runs it)."""
-    path = REPO / config
-    if path.parent.name == "ablation":
-        return ["--config", str(path.parent.parent / path.name), "--config", str(path)]
-    return ["--config", str(path)]
 
 
 @pytest.mark.parametrize("config", ALL_CONFIGS)

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
-from helpers import checkpoints
+from helpers import checkpoints, config_stack, shipped_configs
 from lightning.fabric.utilities.data import AttributeDict
 from torch import nn
 
@@ -26,15 +26,8 @@ from dmvae_lightning.modules.common import build_optimizer, fused_supported
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "tests" / "configs" / "tokenizer_tiny.yaml")
-ALL_CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml"))
+ALL_CONFIGS = shipped_configs()
 HYPER = ("lr", "betas", "weight_decay", "eps", "amsgrad", "maximize", "foreach", "fused")
-
-
-def config_stack(config: str) -> list[str]:
-    path = REPO / config
-    if path.parent.name == "ablation":
-        return ["--config", str(path.parent.parent / path.name), "--config", str(path)]
-    return ["--config", str(path)]
 
 
 def groups(optimizer: torch.optim.Optimizer) -> list[dict]:

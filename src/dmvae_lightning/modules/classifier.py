@@ -95,9 +95,10 @@ class ClassifierModule(pl.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        opt = build_optimizer(
-            self._optimizer_factory, self.parameters(), hp.lr, weight_decay=hp.weight_decay
-        )
+        params = list(self.net.parameters())
+        if getattr(self, "projector", None) is not None:  # the simclr projection head
+            params += list(self.projector.parameters())
+        opt = build_optimizer(self._optimizer_factory, params, hp.lr, weight_decay=hp.weight_decay)
         sched = build_scheduler(self._scheduler_factory, opt, hp.warmup_steps)
         return [opt], [{"scheduler": sched, "interval": "step"}]
 
