@@ -394,7 +394,8 @@ class Study:
         self, config: str, overlay: dict[str, Any], ckpt: Path, tb_name: str, seed: int | None
     ) -> float:
         """``dmvae fit`` on ``configs/fashion_mnist/<config>`` + ``overlay`` writing ``ckpt``,
-        unless it exists; returns the seconds spent (0 when skipped)."""
+        unless it exists; the seconds spent go to ``timings[tb_name]``. Returns them (0 when
+        skipped)."""
         if ckpt.is_file():
             return 0.0
         from dmvae_lightning.cli import main as cli_main
@@ -437,7 +438,8 @@ class Study:
         cli_main(["fit", "--config", str(base), "--config", str(overlay_file)])
         if not ckpt.is_file():
             raise RuntimeError(f"dmvae fit {config} finished without writing {ckpt}")
-        return time.perf_counter() - start
+        self.timings[tb_name] = time.perf_counter() - start
+        return self.timings[tb_name]
 
     def shared(self, name: str) -> Path:
         """Checkpoint of shared stage ``name``, trained first when missing."""
@@ -446,8 +448,7 @@ class Study:
         ckpt = self.runs / "shared" / f"{name}.ckpt"
         if not ckpt.is_file():
             stage = SHARED[name]
-            seconds = self._fit(stage.config, stage.overlay, ckpt, f"shared/{name}", None)
-            self.timings[f"shared/{name}"] = seconds
+            self._fit(stage.config, stage.overlay, ckpt, f"shared/{name}", None)
         return ckpt
 
     def tokenizer(self, arm: Arm) -> Path:
@@ -473,8 +474,7 @@ class Study:
                 {"model": {"init_args": model}}, load_overlay(stage.get("overlay"), self.configs)
             )
             ckpt = arm_dir / f"tokenizer_{i}_{kind}.ckpt"
-            seconds = self._fit(stage["config"], overlay, ckpt, f"{arm.key}/{i}_{kind}", None)
-            self.timings[f"{arm.key}/{i}_{kind}"] = seconds
+            self._fit(stage["config"], overlay, ckpt, f"{arm.key}/{i}_{kind}", None)
             prev = ckpt
         if prev is None:
             raise ValueError(f"arm {arm.key}: no tokenizer")
@@ -650,10 +650,7 @@ class Study:
         if self.generator_steps is not None:
             overlay = _merge(overlay, {"trainer": {"max_steps": self.generator_steps}})
         ckpt = self.runs / "arms" / arm.key / f"generator_seed{seed}.ckpt"
-        seconds = self._fit(
-            "diffusion.yaml", overlay, ckpt, f"{arm.key}/generator_seed{seed}", seed
-        )
-        self.timings[f"{arm.key}/generator_seed{seed}"] = seconds
+        self._fit("diffusion.yaml", overlay, ckpt, f"{arm.key}/generator_seed{seed}", seed)
         return ckpt
 
     def evaluate_generator(self, ckpt: Path, seed: int) -> dict[str, float]:
