@@ -438,3 +438,13 @@ def test_data_module_state_travels_in_checkpoints(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match="data.init_args.seed"):
         trainer(3).fit(_TinyClassifier(), datamodule=data(seed=8), ckpt_path=tmp_path / "last.ckpt")
+
+
+@pytest.mark.parametrize("channels,pad_to", [(1, 32), (3, 33)])
+def test_fashion_mnist_as_tensors_equals_the_items(fashion_mnist_root: Path, channels, pad_to):
+    data = FashionMNIST(root=fashion_mnist_root, split="test", channels=channels, pad_to=pad_to)
+    images, labels = data.as_tensors()
+    assert images.shape == (10_000, channels, pad_to, pad_to) and labels.dtype == torch.int64
+    for i in (0, 1, 4321, 9999):
+        assert torch.equal(images[i], data[i]["image"]) and labels[i] == data[i]["label"]
+    assert torch.equal(torch.bincount(labels), torch.full((10,), 1000))

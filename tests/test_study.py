@@ -122,3 +122,17 @@ def test_quick_study_end_to_end_and_resume(tmp_path, fashion_mnist_root):
     again = study.Study(runs, root=ROOT, seeds=[0, 1], quick=True)
     again.run(study.load_arms(ROOT / study.ARMS_DIR, names=arms))
     assert list(again.timings) == ["gaussian/generator_seed1"]
+
+
+def test_latent_distances_grow_with_the_shift_and_leave_the_global_rng_alone():
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(400, 4, 2, 2, generator=g)
+    same = torch.randn(400, 4, 2, 2, generator=g)
+    state = torch.random.get_rng_state()
+    near = study.latent_distances(same, ref)
+    far = study.latent_distances(same + 1.0, ref)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert abs(near["mmd"]) < 0.01 and far["mmd"] > 10 * max(near["mmd"], 1e-3)
+    # SW2^2 of a shift by 1 in every one of 16 coordinates: E[(theta . 1)^2] = 1 per direction
+    assert 0.7 < far["swd"] - near["swd"] < 1.3
+    assert study.latent_distances(same, ref) == near  # seeded: the same numbers again

@@ -31,6 +31,12 @@ import torch
 import torchvision
 
 from dmvae_lightning.cli import main as cli_main
+from dmvae_lightning.study.evaluation import (
+    fashion_mnist,
+    in_chunks,
+    latent_distances,
+    seeded_subset,
+)
 
 CONFIGS = "configs/fashion_mnist"
 CKPTS = "runs/fashion_mnist/checkpoints"
@@ -143,32 +149,6 @@ def run_stage(stage: Stage, root: Path) -> float:
 
 
 # ---------------------------------------------------------------------------------- evaluation
-def _images(split: str, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n`` Fashion-MNIST images (n, 1, 32, 32) in [-1, 1] and labels, a seeded subset."""
-    from dmvae_lightning.data.images import FashionMNIST
-
-    data = FashionMNIST(split=split, channels=1, pad_to=32)
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n]
-    items = [data[int(i)] for i in order]
-    return torch.stack([it["image"] for it in items]), torch.tensor([it["label"] for it in items])
-
-
-def _chunks(fn, x: torch.Tensor, size: int = 500) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([fn(part) for part in x.split(size)])
-
-
-def latent_distances(z: torch.Tensor, ref: torch.Tensor, seed: int = 0) -> dict[str, float]:
-    """MMD^2 (RBF, unbiased) and sliced W2^2 between latent sets (N, C, h, w)."""
-    from dmvae_lightning.losses.matching import MMDLoss, SlicedWassersteinLoss
-
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        mmd = float(MMDLoss().loss(z, ref))
-        swd = float(SlicedWassersteinLoss(num_projections=512).loss(z, ref))
-    return {"mmd": mmd, "swd": swd}
-
-
 def evaluate(root: Path, out_dir: Path, n: int = 2000, seed: int = 0) -> list[dict[str, float]]:
     """The results table's rows (see the module docstring) and PNG grids under ``out_dir``."""
     from dmvae_lightning.latents import load_frozen_tokenizer
@@ -178,21 +158,21 @@ def evaluate(root: Path, out_dir: Path, n: int = 2000, seed: int = 0) -> list[di
 
     out_dir.mkdir(parents=True, exist_ok=True)
     features = DomainFeatures(root / FID_NET, option="the domain feature net (fid_net.yaml)")
-    test_x, _ = _images("test", n, seed)
-    train_x, _ = _images("train", n, seed + 1)
+    test_x, _ = seeded_subset(*fashion_mnist("test"), n, seed)
+    train_x, _ = seeded_subset(*fashion_mnist("train"), n, seed + 1)
     real = features.stats(test_x)
 
     ref_state = torch.load(root / REFERENCE_MODEL, map_location="cpu", weights_only=True)
     mean = float(ref_state["state_dict"]["latent_mean"])
     scale = float(ref_state["state_dict"]["latent_scale"])
     reference = load_frozen_tokenizer(root / REFERENCE_TOKENIZER, option="reference tokenizer")
-    ref_z = (_chunks(reference.encode, train_x) - mean) * scale
+    ref_z = (in_chunks(reference.encode, train_x) - mean) * scale
 
     rows, rec_rows = [], [test_x[:16]]
     for variant in VARIANTS:
         tok = load_frozen_tokenizer(root / variant.tokenizer, option=variant.name)
-        z = _chunks(tok.encode, test_x)
-        rec = _chunks(lambda latents, t=tok: t.decode(latents).clamp(-1, 1), z)
+        z = in_chunks(tok.encode, test_x)
+        rec = in_chunks(lambda latents, t=tok: t.decode(latents).clamp(-1, 1), z)
         rec_rows.append(rec[:16])
         row = {"psnr": psnr(test_x, rec), "rfid": frechet_distance(features.stats(rec), real)}
         if variant.aligned_space:  # another tokenizer's latent space has no common coordinates

@@ -217,6 +217,14 @@ class FashionMNIST(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
+    def as_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole split at once: images (N, channels, pad_to, pad_to) float32 in [-1, 1] and
+        labels (N,) int64, equal to stacking every item (without ``hflip``); one vectorised pass
+        instead of N ``__getitem__`` calls."""
+        pixels = F.pad(self.images, self._padding, value=0)
+        images = to_signed_unit(pixels).unsqueeze(1).expand(-1, self.channels, -1, -1)
+        return images.contiguous(), self.labels.clone()
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         pixels = self.images[index]
         if self.hflip and torch.rand(()) < 0.5:

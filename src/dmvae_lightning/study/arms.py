@@ -1,0 +1,296 @@
+"""What a study is made of: arm files, the shared stages, the reference distributions and the
+stage budgets (no training or evaluation here)."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+#: The stage configs (relative to the repository root); arms live in its ``study`` folder.
+CONFIGS = Path("configs/fashion_mnist")
+ARMS_DIR = CONFIGS / "study"
+
+DEFAULT_SEEDS = (0, 1, 2)
+#: Training steps of each generator DiT (on cached latents): half of diffusion.yaml's 1200.
+DEFAULT_GENERATOR_STEPS = 600
+
+# --------------------------------------------------------------------------------- stage budgets
+#: ``--quick``: every stage a few batches, small evaluation sets (for tests: the whole pipeline,
+#: none of the quality).
+QUICK_TRAINER = {
+    "classifier": 12,
+    "fid_net": 30,
+    "ssl": 8,
+    "tokenizer": 30,
+    "reference": 150,
+    "align": 60,
+    "finetune": 4,
+    "diffusion": 16,
+}
+QUICK_CACHE = {"train": 2048, "val": 256}
+QUICK_EVAL = {"eval_images": 256, "gen_samples": 200, "probe_train": 512, "distance": 256}
+FULL_EVAL = {"eval_images": 10000, "gen_samples": 5000, "probe_train": 5000, "distance": 2000}
+
+
+def stage_kind(config: str) -> str:
+    """Stage kind of a config file name (``align.yaml`` -> ``align``)."""
+    return Path(config).stem
+
+
+def load_overlay(spec: Any, configs: Path = CONFIGS) -> dict[str, Any]:
+    """An arm's overlay: a mapping, the name of a YAML file under ``configs/fashion_mnist``
+    (e.g. ``kl_vae/tokenizer.yaml``, shared with ``make demo``), or a list of these merged in
+    order; None is empty."""
+    if spec is None:
+        return {}
+    if isinstance(spec, str):
+        path = configs / spec
+        if not path.is_file():
+            raise ValueError(f"overlay file {spec!r} is not a file under {configs}")
+        return yaml.safe_load(path.read_text()) or {}
+    if isinstance(spec, list):
+        out: dict[str, Any] = {}
+        for part in spec:
+            out = merge(out, load_overlay(part, configs))
+        return out
+    if isinstance(spec, dict):
+        return spec
+    raise ValueError(f"an overlay is a mapping, a file name or a list of them, got {spec!r}")
+
+
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge (``over`` wins; lists and scalars are replaced)."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+# --------------------------------------------------------------------------------- references
+@dataclass(frozen=True)
+class Reference:
+    """A reference distribution of the study: the stage-1 tokenizer the aligned arms start from,
+    and the stage-2 score model trained on the reference's samples (the DMD "real score").
+
+    ``tokenizer``: shared stage of the stage-1 tokenizer; ``model``: shared stage of the score
+    model; ``source``: the reference-source spec the score model trains on (None: the stage-1
+    tokenizer's latents of the training images)."""
+
+    tokenizer: str
+    model: str
+    source: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class SharedStage:
+    """A stage trained once per study: ``config`` under configs/fashion_mnist with ``overlay``.
+    String values ``"@name"`` in the overlay are replaced by the checkpoint of shared stage
+    ``name`` (trained first); ``"@runs"`` by the study's run folder."""
+
+    config: str
+    overlay: dict[str, Any] = field(default_factory=dict)
+
+
+def frozen_encoder(weights: str, frozen: bool = True) -> dict[str, Any]:
+    return {"name": "classifier", "weights_path": weights, "frozen": frozen}
+
+
+def _source_reference(source: dict[str, Any], scale: float = 1.0) -> SharedStage:
+    """A score model on samples of a reference source (same DiT and budget as the others)."""
+    return SharedStage(
+        "reference.yaml",
+        {
+            "model": {
+                "init_args": {
+                    "tokenizer_ckpt": None,
+                    "encode_images": False,
+                    "input_key": "reference",
+                    "latent_mean": 0.0,
+                    "latent_scale": scale,
+                    "num_log_images": 0,
+                }
+            },
+            "data": {"init_args": {"reference": source}},
+        },
+    )
+
+
+SHAPE = [4, 8, 8]
+_NOISE_BASE = {
+    "name": "checkpoint",
+    "shape": SHAPE,
+    "checkpoint": "@tokenizer_supervised",
+    "reduce": "none",
+    "cache_dir": "@runs/shared/feature_cache_dnoise",
+    "cache_dtype": "float32",
+}
+SOURCES: dict[str, dict[str, Any]] = {
+    "gaussian": {"name": "gaussian", "shape": SHAPE, "mean": 0.0, "std": 1.0},
+    "gmm": {
+        "name": "gmm",
+        "shape": SHAPE,
+        "num_components": 10,
+        "per_class": True,
+        "center_std": 1.0,
+        "std": 0.5,
+        "seed": 0,
+    },
+    "sphere": {"name": "sphere", "shape": SHAPE, "per_position": False},
+    "text": {
+        "name": "text",
+        "shape": SHAPE,
+        "template": "a photo of a {}",
+        "noise_std": 0.5,
+        "center": True,
+        "cache_dir": "@runs/shared/text",
+        "seed": 0,
+    },
+    "diffusion_noise": {"name": "diffusion_noise", "t": 0.5, "base": _NOISE_BASE},
+}
+
+SHARED: dict[str, SharedStage] = {
+    "classifier": SharedStage("classifier.yaml"),
+    "fid_net": SharedStage("fid_net.yaml"),
+    "ssl": SharedStage("ssl.yaml"),
+    "tokenizer_supervised": SharedStage(
+        "tokenizer.yaml", {"model": {"init_args": {"encoder": frozen_encoder("@classifier")}}}
+    ),
+    "tokenizer_ssl": SharedStage(
+        "tokenizer.yaml", {"model": {"init_args": {"encoder": frozen_encoder("@ssl")}}}
+    ),
+    "reference_supervised": SharedStage(
+        "reference.yaml", {"model": {"init_args": {"tokenizer_ckpt": "@tokenizer_supervised"}}}
+    ),
+    "reference_supervised_wide": SharedStage(
+        "reference.yaml",
+        {
+            "model": {
+                "init_args": {
+                    "tokenizer_ckpt": "@tokenizer_supervised",
+                    "dit": {
+                        "preset": "tiny",
+                        "patch_size": 4,
+                        "hidden_size": 256,
+                        "depth": 4,
+                        "num_heads": 4,
+                    },
+                }
+            }
+        },
+    ),
+    "reference_ssl": SharedStage(
+        "reference.yaml", {"model": {"init_args": {"tokenizer_ckpt": "@tokenizer_ssl"}}}
+    ),
+    "reference_gaussian": _source_reference(SOURCES["gaussian"]),
+    "reference_gmm": _source_reference(SOURCES["gmm"], scale=1 / math.sqrt(1.25)),
+    "reference_sphere": _source_reference(SOURCES["sphere"]),
+    "reference_text": SharedStage(
+        "reference.yaml",
+        merge(
+            _source_reference(SOURCES["text"]).overlay,
+            {"model": {"init_args": {"latent_mean": None, "latent_scale": None}}},
+        ),
+    ),
+    "reference_diffusion_noise": SharedStage(
+        "reference.yaml",
+        merge(
+            _source_reference(SOURCES["diffusion_noise"]).overlay,
+            {"model": {"init_args": {"latent_mean": None, "latent_scale": None}}},
+        ),
+    ),
+}
+
+REFERENCES: dict[str, Reference] = {
+    "supervised": Reference("tokenizer_supervised", "reference_supervised"),
+    "supervised_wide": Reference("tokenizer_supervised", "reference_supervised_wide"),
+    "ssl": Reference("tokenizer_ssl", "reference_ssl"),
+    **{
+        name: Reference("tokenizer_supervised", f"reference_{name}", SOURCES[name])
+        for name in ("gaussian", "gmm", "sphere", "text", "diffusion_noise")
+    },
+}
+#: The frozen encoder (shared stage) of each stage-1 tokenizer.
+ENCODER_OF = {"tokenizer_supervised": "classifier", "tokenizer_ssl": "ssl"}
+
+
+# --------------------------------------------------------------------------------- arms
+@dataclass
+class Arm:
+    """One row of the study (one YAML file under ``configs/fashion_mnist/study/``)."""
+
+    key: str
+    title: str
+    table: int
+    order: int
+    reference: str | None
+    tokenizer: list[dict[str, Any]]
+    generator: dict[str, Any]
+    ablation: str | None = None
+    source: Path | None = None
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> Arm:
+        path = Path(path)
+        configs = path.resolve().parent.parent  # configs/<data>/study/<arm>.yaml
+        spec = yaml.safe_load(path.read_text()) or {}
+        known = {"title", "table", "order", "reference", "tokenizer", "generator", "ablation"}
+        unknown = sorted(set(spec) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown key(s) {unknown}; an arm has keys {sorted(known)}")
+        reference = spec.get("reference")
+        if reference is not None and reference not in REFERENCES:
+            raise ValueError(f"{path}: reference {reference!r} is not one of {sorted(REFERENCES)}")
+        stages = list(spec.get("tokenizer") or [])
+        for i, stage in enumerate(stages):
+            bad = sorted(set(stage) - {"config", "overlay", "from"})
+            if bad or "config" not in stage:
+                raise ValueError(
+                    f"{path}: tokenizer[{i}] needs `config` (and optionally `overlay`, `from`), "
+                    f"got keys {sorted(stage)}"
+                )
+            load_overlay(stage.get("overlay"), configs)  # a missing overlay file fails here
+            if not (configs / stage["config"]).is_file():
+                raise ValueError(
+                    f"{path}: tokenizer[{i}].config {stage['config']!r} is not a file under "
+                    f"{configs}"
+                )
+        if reference is None and (not stages or stages[0].get("from") != "scratch"):
+            raise ValueError(
+                f"{path}: an arm without `reference` must train its tokenizer `from: scratch`"
+            )
+        return cls(
+            key=path.stem,
+            title=str(spec.get("title", path.stem)),
+            table=int(spec.get("table", 1)),
+            order=int(spec.get("order", 100)),
+            reference=reference,
+            tokenizer=stages,
+            generator=dict(spec.get("generator") or {}),
+            ablation=spec.get("ablation"),
+            source=path,
+        )
+
+
+def load_arms(
+    directory: str | os.PathLike = ARMS_DIR, names: Iterable[str] | None = None
+) -> list[Arm]:
+    """The arms of ``directory`` (every ``*.yaml``), sorted by table and order; ``names``
+    selects some (unknown names are an error listing the known ones)."""
+    arms = {p.stem: Arm.from_file(p) for p in sorted(Path(directory).glob("*.yaml"))}
+    if names is not None:
+        names = list(names)
+        missing = sorted(set(names) - set(arms))
+        if missing:
+            raise ValueError(f"--arms: unknown arm(s) {missing}; known: {sorted(arms)}")
+        arms = {k: v for k, v in arms.items() if k in names}
+    return sorted(arms.values(), key=lambda a: (a.table, a.order, a.key))

@@ -1,0 +1,59 @@
+"""``dmvae study`` / ``python -m dmvae_lightning.study`` / ``make study``."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from dmvae_lightning.study.arms import ARMS_DIR, DEFAULT_GENERATOR_STEPS, DEFAULT_SEEDS, load_arms
+from dmvae_lightning.study.driver import Study
+from dmvae_lightning.study.report import study_markdown
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Parse ``argv``, run the arms, print the tables; returns the study's JSON ({} for --list)."""
+    parser = argparse.ArgumentParser(
+        prog="dmvae study",
+        description="The reference-distribution study: the paper's Tables 1 and 2 at CPU scale, "
+        "with seeds (arms: configs/fashion_mnist/study/*.yaml).",
+    )
+    parser.add_argument("--arms", default=None, help="comma-separated arm names (default: all)")
+    parser.add_argument(
+        "--seeds",
+        default=",".join(map(str, DEFAULT_SEEDS)),
+        help="generator seeds, comma-separated",
+    )
+    parser.add_argument("--quick", action="store_true", help="seconds-long stages (tests)")
+    parser.add_argument(
+        "--generator_steps",
+        type=int,
+        default=DEFAULT_GENERATOR_STEPS,
+        help=f"steps per generator (default {DEFAULT_GENERATOR_STEPS}; 0: diffusion.yaml's)",
+    )
+    parser.add_argument("--runs", default="runs/study", help="output folder")
+    parser.add_argument("--root", default=".", help="repository root (holds configs/)")
+    parser.add_argument("--list", action="store_true", help="list the arms and exit")
+    args = parser.parse_args(argv)
+    names = args.arms.split(",") if args.arms else None
+    arms = load_arms(Path(args.root) / ARMS_DIR, names=names)
+    if names:  # run in the order given (the report keeps the table order)
+        arms.sort(key=lambda a: names.index(a.key))
+    if args.list:
+        for arm in arms:
+            print(f"{arm.key:28s} table {arm.table}  {arm.title}")
+        return {}
+    study = Study(
+        args.runs,
+        root=args.root,
+        seeds=[int(s) for s in args.seeds.split(",")],
+        quick=args.quick,
+        generator_steps=args.generator_steps or None,
+    )
+    report = study.run(arms)
+    print("\n" + study_markdown(report))
+    print(
+        f"[study] {study.runs / 'study.md'}, {study.runs / 'figures'}, tensorboard --logdir {study.runs / 'tb'}"
+    )
+    return report

@@ -1,0 +1,510 @@
+"""The study driver: trains the stages of each arm (shared ones once), evaluates, reports."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from dmvae_lightning.study.arms import (
+    ARMS_DIR,
+    CONFIGS,
+    DEFAULT_GENERATOR_STEPS,
+    DEFAULT_SEEDS,
+    ENCODER_OF,
+    FULL_EVAL,
+    QUICK_CACHE,
+    QUICK_EVAL,
+    QUICK_TRAINER,
+    REFERENCES,
+    SHARED,
+    Arm,
+    frozen_encoder,
+    load_arms,
+    load_overlay,
+    merge,
+    stage_kind,
+)
+from dmvae_lightning.study.evaluation import (
+    fashion_mnist,
+    in_chunks,
+    latent_distances,
+    linear_probe,
+    load_tokenizer,
+    posterior_kl,
+    seeded_subset,
+)
+from dmvae_lightning.study.report import (
+    gfid_figure,
+    pca_figure,
+    psnr_gfid_figure,
+    short_metrics,
+    study_markdown,
+    summarize,
+)
+
+
+class Study:
+    """Runs stages and evaluations for a set of arms (see the module docstring).
+
+    Args:
+        runs: output folder.
+        root: the repository root (holds ``configs/fashion_mnist``).
+        seeds: generator seeds per arm.
+        quick: seconds-long stages and small evaluation sets (tests).
+        generator_steps: training steps of every generator (600, half the ``max_steps`` of
+            configs/fashion_mnist/diffusion.yaml, so three seeds fit the budget; None: the
+            config's).
+        log: printer of progress lines.
+    """
+
+    def __init__(
+        self,
+        runs: str | os.PathLike = "runs/study",
+        root: str | os.PathLike = ".",
+        seeds: Sequence[int] = DEFAULT_SEEDS,
+        quick: bool = False,
+        generator_steps: int | None = DEFAULT_GENERATOR_STEPS,
+        log: Callable[[str], None] = lambda line: print(line, flush=True),
+    ) -> None:
+        self.runs = Path(runs).resolve()
+        self.root = Path(root).resolve()
+        self.configs = self.root / CONFIGS
+        self.generator_steps = generator_steps
+        self.seeds = tuple(int(s) for s in seeds)
+        self.quick = quick
+        self.sizes = QUICK_EVAL if quick else FULL_EVAL
+        self.log = log
+        self.timings: dict[str, float] = {}
+        self._cache: dict[str, Any] = {}
+        self._arms: dict[str, Arm] | None = None
+
+    def arm(self, key: str) -> Arm:
+        """Arm ``key`` of ``configs/fashion_mnist/study`` (e.g. an arm's ``ablation``)."""
+        if self._arms is None:
+            self._arms = {a.key: a for a in load_arms(self.root / ARMS_DIR)}
+        if key not in self._arms:
+            raise ValueError(f"unknown arm {key!r}; known: {sorted(self._arms)}")
+        return self._arms[key]
+
+    # ---------------------------------------------------------------- running stages
+    def _resolve(self, value: Any) -> Any:
+        if isinstance(value, str) and value.startswith("@runs"):
+            return str(self.runs) + value[len("@runs") :]
+        if isinstance(value, str) and value.startswith("@"):
+            return str(self.shared(value[1:]))
+        if isinstance(value, dict):
+            return {k: self._resolve(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self._resolve(v) for v in value]
+        return value
+
+    def _fit(
+        self, config: str, overlay: dict[str, Any], ckpt: Path, tb_name: str, seed: int | None
+    ) -> float:
+        """``dmvae fit`` on ``configs/fashion_mnist/<config>`` + ``overlay`` writing ``ckpt``,
+        unless it exists; the seconds spent go to ``timings[tb_name]``. Returns them (0 when
+        skipped)."""
+        if ckpt.is_file():
+            return 0.0
+        from dmvae_lightning.cli import main as cli_main
+
+        paths = {
+            "trainer": {
+                "default_root_dir": str(ckpt.parent),
+                "logger": {
+                    "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                    "init_args": {"save_dir": str(self.runs / "tb"), "name": tb_name},
+                },
+                "callbacks": [
+                    {
+                        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                        "init_args": {
+                            "dirpath": str(ckpt.parent),
+                            "filename": ckpt.stem,
+                            "enable_version_counter": False,
+                        },
+                    }
+                ],
+                "enable_progress_bar": False,
+                "enable_model_summary": False,
+            }
+        }
+        if seed is not None:
+            paths["seed_everything"] = seed
+        if self.quick:
+            batches = QUICK_TRAINER[stage_kind(config)]
+            paths["trainer"].update(
+                limit_train_batches=batches, limit_val_batches=1, max_epochs=1, max_steps=-1
+            )
+        full = merge(self._resolve(overlay), paths)
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        overlay_file = ckpt.with_suffix(".overlay.yaml")
+        overlay_file.write_text(yaml.safe_dump(full, sort_keys=False))
+        self.log(f"[study] fit {config} -> {ckpt.relative_to(self.runs)}")
+        start = time.perf_counter()
+        base = self.configs / config
+        cli_main(["fit", "--config", str(base), "--config", str(overlay_file)])
+        if not ckpt.is_file():
+            raise RuntimeError(f"dmvae fit {config} finished without writing {ckpt}")
+        self.timings[tb_name] = time.perf_counter() - start
+        return self.timings[tb_name]
+
+    def shared(self, name: str) -> Path:
+        """Checkpoint of shared stage ``name``, trained first when missing."""
+        if name not in SHARED:
+            raise KeyError(f"unknown shared stage {name!r}; known: {sorted(SHARED)}")
+        ckpt = self.runs / "shared" / f"{name}.ckpt"
+        if not ckpt.is_file():
+            stage = SHARED[name]
+            self._fit(stage.config, stage.overlay, ckpt, f"shared/{name}", None)
+        return ckpt
+
+    def tokenizer(self, arm: Arm) -> Path:
+        """The arm's final tokenizer checkpoint (its stages trained in order)."""
+        prev = self.shared(REFERENCES[arm.reference].tokenizer) if arm.reference else None
+        encoder = ENCODER_OF.get(REFERENCES[arm.reference].tokenizer) if arm.reference else None
+        arm_dir = self.runs / "arms" / arm.key
+        for i, stage in enumerate(arm.tokenizer):
+            kind = stage_kind(stage["config"])
+            model: dict[str, Any] = {}
+            if stage.get("from") != "scratch":
+                if prev is None:
+                    raise ValueError(f"arm {arm.key}: stage {i} has nothing to start from")
+                model["init_from"] = str(prev)
+            if encoder is not None:
+                frozen = kind != "align"
+                model["encoder"] = frozen_encoder(str(self.shared(encoder)), frozen=frozen)
+            if kind == "align" and arm.reference:
+                model["matching_loss"] = {
+                    "init_args": {"real_model": str(self.shared(REFERENCES[arm.reference].model))}
+                }
+            overlay = merge(
+                {"model": {"init_args": model}}, load_overlay(stage.get("overlay"), self.configs)
+            )
+            ckpt = arm_dir / f"tokenizer_{i}_{kind}.ckpt"
+            self._fit(stage["config"], overlay, ckpt, f"{arm.key}/{i}_{kind}", None)
+            prev = ckpt
+        if prev is None:
+            raise ValueError(f"arm {arm.key}: no tokenizer")
+        return prev
+
+    # ---------------------------------------------------------------- data and evaluation
+    def images(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fashion-MNIST ``split`` images (N, 1, 32, 32) in [-1, 1] and labels (cached)."""
+        key = f"images/{split}"
+        if key not in self._cache:
+            self._cache[key] = fashion_mnist(split)
+        return self._cache[key]
+
+    def eval_set(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``eval_images`` test images (a fixed, class-mixed order) and labels."""
+        x, y = self.images("test")
+        n = min(self.sizes["eval_images"], x.shape[0])
+        return x[:n], y[:n]
+
+    def train_subset(self, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``n`` training images and labels, a seeded subset."""
+        return seeded_subset(*self.images("train"), n, seed)
+
+    def fid_features(self):
+        if "fid" not in self._cache:
+            from dmvae_lightning.metrics import DomainFeatures
+
+            self._cache["fid"] = DomainFeatures(self.shared("fid_net"), option="fid_net")
+        return self._cache["fid"]
+
+    def real_stats(self):
+        if "real_stats" not in self._cache:
+            self._cache["real_stats"] = self.fid_features().stats(self.eval_set()[0])
+        return self._cache["real_stats"]
+
+    def reference_model_stats(self, reference: str) -> tuple[float, float]:
+        state = torch.load(
+            self.shared(REFERENCES[reference].model), map_location="cpu", weights_only=True
+        )["state_dict"]
+        return float(state["latent_mean"]), float(state["latent_scale"])
+
+    def reference_samples(self, reference: str) -> torch.Tensor:
+        """``distance`` samples of the reference, raw (the score model's input space)."""
+        key = f"reference/{reference}"
+        if key in self._cache:
+            return self._cache[key]
+        n = self.sizes["distance"]
+        ref = REFERENCES[reference]
+        if ref.source is None:  # the stage-1 tokenizer's latents of other training images
+            tok = load_tokenizer(self.shared(ref.tokenizer))
+            z = in_chunks(tok.encode, self.train_subset(n, seed=1234)[0])
+        else:
+            from dmvae_lightning.data.reference import ReferenceDistribution
+
+            data = ReferenceDistribution(
+                dataset="fashion_mnist",
+                channels=1,
+                image_size=32,
+                val_subset=n,
+                reference=self._resolve(ref.source),
+            )
+            z = data.reference_sample(n)["reference"]
+        self._cache[key] = z
+        return z
+
+    def distances(self, z: torch.Tensor, reference: str) -> dict[str, float]:
+        """MMD^2 (RBF, unbiased) and SW2^2 (512 fixed directions) between raw latents ``z`` and
+        the reference's samples, both mapped by the reference model's normalisation."""
+        mean, scale = self.reference_model_stats(reference)
+        ref = (self.reference_samples(reference) - mean) * scale
+        return latent_distances((z[: ref.shape[0]] - mean) * scale, ref, seed=0)
+
+    def evaluate_tokenizer(self, arm: Arm, ckpt: Path) -> dict[str, Any]:
+        from dmvae_lightning.metrics import frechet_distance
+        from dmvae_lightning.metrics.evaluate import psnr
+
+        tok = load_tokenizer(ckpt)
+        x, y = self.eval_set()
+        z = in_chunks(tok.encode, x)
+        rec = in_chunks(lambda lat: tok.decode(lat).clamp(-1, 1), z)
+        out: dict[str, Any] = {
+            "psnr": psnr(x, rec),
+            "rfid": frechet_distance(self.fid_features().stats(rec), self.real_stats()),
+            "latent_std": float(z.std()),
+        }
+        n = self.sizes["probe_train"]
+        xt, yt = self.train_subset(n, seed=7)
+        zt = in_chunks(tok.encode, xt)
+        out["probe_acc"] = linear_probe(zt, yt, z, y)
+        if arm.reference is not None:
+            d = self.distances(
+                in_chunks(tok.encode, self.train_subset(self.sizes["distance"], 99)[0]),
+                arm.reference,
+            )
+            out.update(d)
+            if arm.ablation:
+                abl_tok = load_tokenizer(self.tokenizer(self.arm(arm.ablation)))
+                zab = in_chunks(abl_tok.encode, self.train_subset(self.sizes["distance"], 99)[0])
+                out.update(
+                    {f"ablation_{k}": v for k, v in self.distances(zab, arm.reference).items()}
+                )
+        kl = posterior_kl(tok, x[:512])
+        if kl is not None:
+            out["posterior_kl"] = kl
+        out["checkpoint"] = str(ckpt)
+        return out
+
+    def latent_cache(self, arm: Arm, ckpt: Path) -> Path:
+        """``arms/<arm>/latents/{train,val}`` encoded once with the final tokenizer."""
+        from dmvae_lightning.data.images import FashionMNIST
+        from dmvae_lightning.latents import LatentCache, encode_dataset
+
+        root = self.runs / "arms" / arm.key / "latents"
+        tok = None
+        for split, folder in (("train", "train"), ("test", "val")):
+            out = root / folder
+            try:
+                LatentCache(out).check_tokenizer(ckpt)
+                continue
+            except (FileNotFoundError, ValueError):
+                pass
+            tok = tok or load_tokenizer(ckpt)
+            data = FashionMNIST(split=split, channels=1, pad_to=32)
+            if self.quick:  # a slice of the split: enough batches for the quick generator
+                data = torch.utils.data.Subset(data, range(QUICK_CACHE[folder]))
+            start = time.perf_counter()
+            encode_dataset(
+                tok,
+                data,
+                out,
+                batch_size=500,
+                progress=False,
+                dtype="float32",
+                tokenizer_ckpt=ckpt,
+                dataset_name=f"fashion_mnist:{split}",
+            )
+            self.timings[f"{arm.key}/cache_{folder}"] = time.perf_counter() - start
+        return root
+
+    def generator(self, arm: Arm, tokenizer: Path, cache: Path, seed: int) -> Path:
+        overlay = merge(
+            {
+                "model": {
+                    "init_args": {
+                        "tokenizer_ckpt": str(tokenizer),
+                        "encode_images": False,
+                        "seed": seed,
+                    }
+                },
+                "data": {
+                    "init_args": {"dataset": "latent_cache", "root": str(cache), "seed": seed}
+                },
+            },
+            load_overlay(arm.generator, self.configs),
+        )
+        if self.generator_steps is not None:
+            overlay = merge(overlay, {"trainer": {"max_steps": self.generator_steps}})
+        ckpt = self.runs / "arms" / arm.key / f"generator_seed{seed}.ckpt"
+        self._fit("diffusion.yaml", overlay, ckpt, f"{arm.key}/generator_seed{seed}", seed)
+        return ckpt
+
+    def evaluate_generator(self, ckpt: Path, seed: int) -> dict[str, float]:
+        from dmvae_lightning import flow
+        from dmvae_lightning.metrics import frechet_distance
+        from dmvae_lightning.metrics.evaluate import inception_score
+        from dmvae_lightning.modules.diffusion import LatentDiffusionModule
+
+        gen = LatentDiffusionModule.load_from_checkpoint(
+            str(ckpt), map_location="cpu", weights_only=True
+        ).eval()
+        classes = int(gen.hparams.num_classes)
+        n = self.sizes["gen_samples"]
+        labels = torch.arange(n) % classes
+        g = torch.Generator().manual_seed(10_000 + seed)
+        feats, logits = [], []
+        fid = self.fid_features()
+        for part in labels.split(500):
+            images = gen.sample(part, generator=g, decode=True).clamp(-1, 1)
+            f, lg = fid.features_and_logits(images)
+            feats.append(f)
+            logits.append(lg)
+        from dmvae_lightning.metrics.fid import feature_stats
+
+        out = {
+            "gfid": frechet_distance(feature_stats(torch.cat(feats)), self.real_stats()),
+            "is": inception_score(torch.cat(logits), splits=10)[0],
+        }
+        # flow-matching loss on the test latents: stratified t, seeded noise, EMA weights
+        x, y = self.eval_set()
+        z = gen.normalize(in_chunks(gen.tokenizer.encode, x))
+        t = (torch.arange(z.shape[0], dtype=torch.float32) + 0.5) / z.shape[0]
+        t = t[torch.randperm(z.shape[0], generator=torch.Generator().manual_seed(1))]
+        eps = torch.randn(z.shape, generator=torch.Generator().manual_seed(2))
+        losses = []
+        with torch.no_grad(), gen.ema_scope():
+            for sl in torch.arange(z.shape[0]).split(1000):
+                loss, _ = flow.velocity_loss(gen.dit, z[sl], y[sl], t=t[sl], eps=eps[sl])
+                losses.append(float(loss) * sl.numel())
+        out["fm_loss"] = sum(losses) / z.shape[0]
+        return out
+
+    # ---------------------------------------------------------------- arms
+    def run_arm(self, arm: Arm) -> dict[str, Any]:
+        """Train and evaluate ``arm`` (finished parts are read back); returns its result."""
+        arm_dir = self.runs / "arms" / arm.key
+        result_file = arm_dir / "result.json"
+        if result_file.is_file():
+            result = json.loads(result_file.read_text())
+            if (
+                result.get("seeds") == list(self.seeds)
+                and result.get("generator_steps") == self.generator_steps
+            ):
+                self.log(f"[study] {arm.key}: done, read {result_file.relative_to(self.runs)}")
+                return result
+        start = time.perf_counter()
+        self.log(f"[study] arm {arm.key}: {arm.title}")
+        arm_dir.mkdir(parents=True, exist_ok=True)
+        tok_ckpt = self.tokenizer(arm)
+        tok_file = arm_dir / "tokenizer.json"
+        if tok_file.is_file() and json.loads(tok_file.read_text()).get("checkpoint") == str(
+            tok_ckpt
+        ):
+            tok_result = json.loads(tok_file.read_text())
+        else:
+            tok_result = self.evaluate_tokenizer(arm, tok_ckpt)
+            tok_file.write_text(json.dumps(tok_result, indent=2))
+        cache = self.latent_cache(arm, tok_ckpt)
+        per_seed = []
+        for seed in self.seeds:
+            seed_file = arm_dir / f"generator_seed{seed}.json"
+            if seed_file.is_file():
+                per_seed.append(json.loads(seed_file.read_text()))
+                continue
+            ckpt = self.generator(arm, tok_ckpt, cache, seed)
+            res = {"seed": seed, **self.evaluate_generator(ckpt, seed)}
+            seed_file.write_text(json.dumps(res, indent=2))
+            per_seed.append(res)
+            self.log(f"[study] {arm.key} seed {seed}: " + short_metrics(res))
+        result = {
+            "key": arm.key,
+            "title": arm.title,
+            "table": arm.table,
+            "order": arm.order,
+            "reference": arm.reference,
+            "seeds": list(self.seeds),
+            "generator_steps": self.generator_steps,
+            "tokenizer": tok_result,
+            "generators": per_seed,
+            "summary": summarize(per_seed),
+            "seconds": time.perf_counter() - start,
+            "timings": {k: v for k, v in self.timings.items() if k.startswith(arm.key + "/")},
+        }
+        result_file.write_text(json.dumps(result, indent=2))
+        return result
+
+    def latents_for_figure(
+        self, result: dict[str, Any], n: int = 600
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        tok = load_tokenizer(Path(result["tokenizer"]["checkpoint"]))
+        x, y = self.eval_set()
+        return in_chunks(tok.encode, x[:n]), y[:n]
+
+    def run(self, arms: Sequence[Arm]) -> dict[str, Any]:
+        """Every arm in the order given, then the report (rows in table order). Returns the
+        study's JSON."""
+        start = time.perf_counter()
+        done = [(arm, self.run_arm(arm)) for arm in arms]  # in the order given
+        rows = [row for arm, row in sorted(done, key=lambda d: (d[0].table, d[0].order))]
+        report = {
+            "seeds": list(self.seeds),
+            "generator_steps": self.generator_steps,
+            "quick": self.quick,
+            "sizes": self.sizes,
+            "arms": rows,
+            "shared_seconds": {k: v for k, v in self.timings.items() if k.startswith("shared/")},
+            "seconds": time.perf_counter() - start,
+        }
+        self.runs.mkdir(parents=True, exist_ok=True)
+        (self.runs / "study.json").write_text(json.dumps(report, indent=2))
+        (self.runs / "study.md").write_text(study_markdown(report))
+        try:
+            self.figures(rows)
+        except ImportError as err:  # matplotlib is an optional dependency
+            self.log(f"[study] no figures: {err}")
+        return report
+
+    def figures(self, rows: list[dict[str, Any]]) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        from dmvae_lightning.plots import save_figure
+
+        out = self.runs / "figures"
+        out.mkdir(parents=True, exist_ok=True)
+        figs = {
+            "gfid": gfid_figure(rows),
+            "psnr_vs_gfid": psnr_gfid_figure(rows),
+        }
+        pca = {}
+        for row in rows:
+            z, y = self.latents_for_figure(row)
+            ref = None
+            if row["reference"]:
+                mean, scale = self.reference_model_stats(row["reference"])
+                ref = (self.reference_samples(row["reference"])[:600] - mean) * scale
+                z = (z - mean) * scale
+            pca[row["key"]] = (z, y, ref)
+        figs["latent_pca"] = pca_figure(pca, {r["key"]: r["title"] for r in rows})
+        writer = SummaryWriter(str(self.runs / "tb" / "summary"))
+        for name, fig in figs.items():
+            save_figure(fig, out / f"{name}.png")
+            writer.add_figure(f"study/{name}", fig)
+        for i, row in enumerate(rows):
+            for k, v in row["summary"].items():
+                writer.add_scalar(f"{row['key']}/{k}", v, i)
+            for k in ("psnr", "rfid", "probe_acc", "mmd", "swd"):
+                if k in row["tokenizer"]:
+                    writer.add_scalar(f"{row['key']}/{k}", row["tokenizer"][k], i)
+        writer.close()

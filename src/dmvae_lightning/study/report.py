@@ -1,0 +1,161 @@
+"""The study's report: mean +- std over seeds, the markdown tables of ``study.md`` and the
+figures (gFID per arm, PSNR vs gFID, latent PCA). Works on the JSON rows only."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+
+def summarize(per_seed: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean and sample std (n - 1; 0 for one seed) over seeds of every generator metric."""
+    out: dict[str, float] = {}
+    keys = [k for k in per_seed[0] if k != "seed"] if per_seed else []
+    for key in keys:
+        values = torch.tensor([float(r[key]) for r in per_seed], dtype=torch.float64)
+        out[f"{key}_mean"] = float(values.mean())
+        out[f"{key}_std"] = float(values.std()) if len(values) > 1 else 0.0
+    return out
+
+
+def short_metrics(values: dict[str, Any]) -> str:
+    """``"gfid 3.04, is 2.61"``: the float entries of ``values`` for a progress line."""
+    return ", ".join(f"{k} {v:.4g}" for k, v in values.items() if isinstance(v, float))
+
+
+def _pm(summary: dict[str, float], key: str, digits: int = 2) -> str:
+    if f"{key}_mean" not in summary:
+        return "n/a"
+    return f"{summary[key + '_mean']:.{digits}f} ± {summary[key + '_std']:.{digits}f}"
+
+
+def _num(values: dict[str, Any], key: str, fmt: str) -> str:
+    return format(values[key], fmt) if key in values else "n/a"
+
+
+TABLE_HEADER = (
+    "| arm | reference | PSNR (dB) | rFID | gFID | IS (domain) | FM loss | MMD² to ref "
+    "(ablation) | SW2² to ref (ablation) | probe acc | seconds |"
+)
+
+
+def study_markdown(report: dict[str, Any]) -> str:
+    """The tables of ``study.md``: one per paper table, mean ± std over the generator seeds."""
+    sizes = report["sizes"]
+    lines = [
+        f"Seeds {report['seeds']} (generator; mean ± sample std); generators "
+        f"{report.get('generator_steps') or 1200} steps on cached latents. gFID / IS: "
+        f"{sizes['gen_samples']} class-balanced samples (50-step Euler, no CFG) vs "
+        f"{sizes['eval_images']} test images, domain FID net. PSNR / rFID on the same test images. "
+        f"Latent distances in the reference model's normalised space ({sizes['distance']} "
+        "samples); in brackets the same for the arm's ablation (matching weight 0). Probe: linear "
+        f"classifier on the latents ({sizes['probe_train']} training images). FM loss: the "
+        "generator's flow-matching loss on the test latents."
+        + (" QUICK RUN: numbers are meaningless." if report.get("quick") else ""),
+    ]
+    for table in sorted({r["table"] for r in report["arms"]}):
+        lines += ["", f"### Table {table}", "", TABLE_HEADER, "|" + "---|" * 11]
+        for row in (r for r in report["arms"] if r["table"] == table):
+            t, s = row["tokenizer"], row["summary"]
+
+            def dist(key: str, t=t) -> str:
+                if key not in t:
+                    return "n/a"
+                abl = f" ({t['ablation_' + key]:.4f})" if f"ablation_{key}" in t else ""
+                return f"{t[key]:.4f}{abl}"
+
+            lines.append(
+                f"| {row['title']} | {row['reference'] or '-'} | {_num(t, 'psnr', '.2f')} "
+                f"| {_num(t, 'rfid', '.2f')} | {_pm(s, 'gfid')} | {_pm(s, 'is')} "
+                f"| {_pm(s, 'fm_loss', 3)} | {dist('mmd')} | {dist('swd')} "
+                f"| {_num(t, 'probe_acc', '.3f')} | {row['seconds']:.0f} |"
+            )
+    shared = report.get("shared_seconds") or {}
+    if shared:
+        lines += [
+            "",
+            "Shared stages (seconds): " + ", ".join(f"{k[7:]} {v:.0f}" for k, v in shared.items()),
+        ]
+    lines.append(f"\nTotal: {report['seconds']:.0f} s.")
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------- figures
+def _fig(**kwargs: Any):
+    from matplotlib.figure import Figure
+
+    return Figure(**kwargs)
+
+
+def gfid_figure(rows: list[dict[str, Any]]):
+    """Bar chart of gFID per arm, error bars = std over seeds, seeds as dots."""
+    fig = _fig(figsize=(max(6, 0.6 * len(rows) + 2), 3.6), layout="constrained")
+    ax = fig.add_subplot()
+    for i, row in enumerate(rows):
+        s = row["summary"]
+        ax.bar(
+            i,
+            s["gfid_mean"],
+            yerr=s["gfid_std"],
+            color="#4c72b0" if row["table"] == 1 else "#dd8452",
+            capsize=3,
+        )
+        ax.scatter(
+            [i] * len(row["generators"]),
+            [g["gfid"] for g in row["generators"]],
+            s=8,
+            c="k",
+            zorder=3,
+        )
+    ax.set_xticks(range(len(rows)), [r["key"] for r in rows], rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("gFID (domain net)")
+    ax.set_title("gFID per arm (mean ± std over seeds; dots: seeds)", fontsize=9)
+    return fig
+
+
+def psnr_gfid_figure(rows: list[dict[str, Any]]):
+    fig = _fig(figsize=(5.5, 4), layout="constrained")
+    ax = fig.add_subplot()
+    for row in rows:
+        s = row["summary"]
+        ax.errorbar(
+            row["tokenizer"]["psnr"], s["gfid_mean"], yerr=s["gfid_std"], fmt="o", capsize=3
+        )
+        ax.annotate(
+            row["key"],
+            (row["tokenizer"]["psnr"], s["gfid_mean"]),
+            fontsize=7,
+            xytext=(3, 3),
+            textcoords="offset points",
+        )
+    ax.set_xlabel("PSNR (dB)")
+    ax.set_ylabel("gFID")
+    ax.set_title("reconstruction vs generation", fontsize=9)
+    return fig
+
+
+def pca_figure(
+    latents: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
+    titles: dict[str, str],
+):
+    """Per arm: the first two principal components of its latents (coloured by class) and of its
+    reference's samples (grey), both in the reference model's normalised space."""
+    n = len(latents)
+    cols = min(4, n)
+    rows = math.ceil(n / cols)
+    fig = _fig(figsize=(3 * cols, 3 * rows), layout="constrained")
+    for i, (key, (z, y, ref)) in enumerate(latents.items()):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        flat = z.flatten(1).double()
+        center = flat.mean(0)
+        _, _, v = torch.pca_lowrank(flat - center, q=2, center=False)
+        if ref is not None:
+            r = (ref.flatten(1).double() - center) @ v
+            ax.scatter(r[:, 0], r[:, 1], s=2, c="#9aa5b1", alpha=0.5, linewidths=0)
+        p = (flat - center) @ v
+        ax.scatter(p[:, 0], p[:, 1], s=2, c=y.numpy(), cmap="tab10", linewidths=0)
+        ax.set_title(key, fontsize=8)
+        ax.tick_params(labelsize=6)
+    return fig
