@@ -122,6 +122,12 @@ def test_quick_study_end_to_end_and_resume(tmp_path, fashion_mnist_root):
     again = study.Study(runs, root=ROOT, seeds=[0, 1], quick=True)
     again.run(study.load_arms(ROOT / study.ARMS_DIR, names=arms))
     assert list(again.timings) == ["gaussian/generator_seed1"]
+    # the stages read back still count in the arm's time (their .seconds files)
+    resumed = json.loads((runs / "arms" / "gaussian" / "result.json").read_text())
+    assert {"gaussian/0_align", "gaussian/1_finetune", "gaussian/generator_seed0"} <= set(
+        resumed["timings"]
+    )
+    assert resumed["stage_seconds"] >= sum(resumed["timings"].values()) > 0
 
 
 def test_latent_distances_grow_with_the_shift_and_leave_the_global_rng_alone():

@@ -81,7 +81,10 @@ class Study:
         self.quick = quick
         self.sizes = QUICK_EVAL if quick else FULL_EVAL
         self.log = log
+        #: seconds of the stages trained by this object (what a resumed run redid)
         self.timings: dict[str, float] = {}
+        #: seconds of every stage met, read back from ``<ckpt>.seconds`` for skipped ones
+        self.stage_seconds: dict[str, float] = {}
         self._cache: dict[str, Any] = {}
         self._arms: dict[str, Arm] | None = None
 
@@ -109,9 +112,13 @@ class Study:
         self, config: str, overlay: dict[str, Any], ckpt: Path, tb_name: str, seed: int | None
     ) -> float:
         """``dmvae fit`` on ``configs/fashion_mnist/<config>`` + ``overlay`` writing ``ckpt``,
-        unless it exists; the seconds spent go to ``timings[tb_name]``. Returns them (0 when
-        skipped)."""
+        unless it exists; the seconds spent go to ``timings[tb_name]`` and to ``<ckpt>.seconds``
+        (read back when the stage is skipped, so a resumed arm still reports every stage's
+        time). Returns them (0 when skipped)."""
+        seconds_file = ckpt.with_suffix(".seconds")
         if ckpt.is_file():
+            if seconds_file.is_file():  # the time the stage took when it was trained
+                self.stage_seconds[tb_name] = float(seconds_file.read_text())
             return 0.0
         from dmvae_lightning.cli import main as cli_main
 
@@ -153,7 +160,8 @@ class Study:
         cli_main(["fit", "--config", str(base), "--config", str(overlay_file)])
         if not ckpt.is_file():
             raise RuntimeError(f"dmvae fit {config} finished without writing {ckpt}")
-        self.timings[tb_name] = time.perf_counter() - start
+        self.timings[tb_name] = self.stage_seconds[tb_name] = time.perf_counter() - start
+        seconds_file.write_text(f"{self.timings[tb_name]:.1f}\n")
         return self.timings[tb_name]
 
     def shared(self, name: str) -> Path:
@@ -326,7 +334,9 @@ class Study:
                 tokenizer_ckpt=ckpt,
                 dataset_name=f"fashion_mnist:{split}",
             )
-            self.timings[f"{arm.key}/cache_{folder}"] = time.perf_counter() - start
+            seconds = time.perf_counter() - start
+            self.timings[f"{arm.key}/cache_{folder}"] = seconds
+            self.stage_seconds[f"{arm.key}/cache_{folder}"] = seconds
         return root
 
     def generator(self, arm: Arm, tokenizer: Path, cache: Path, seed: int) -> Path:
@@ -422,9 +432,16 @@ class Study:
             seed_file = arm_dir / f"generator_seed{seed}.json"
             if seed_file.is_file():
                 per_seed.append(json.loads(seed_file.read_text()))
+                trained = arm_dir / f"generator_seed{seed}.seconds"
+                if trained.is_file():
+                    self.stage_seconds[f"{arm.key}/generator_seed{seed}"] = float(
+                        trained.read_text()
+                    )
                 continue
             ckpt = self.generator(arm, tok_ckpt, cache, seed)
+            start_eval = time.perf_counter()
             res = {"seed": seed, **self.evaluate_generator(ckpt, seed)}
+            res["eval_seconds"] = time.perf_counter() - start_eval
             seed_file.write_text(json.dumps(res, indent=2))
             per_seed.append(res)
             self.log(f"[study] {arm.key} seed {seed}: " + short_metrics(res))
@@ -440,8 +457,12 @@ class Study:
             "generators": per_seed,
             "summary": summarize(per_seed),
             "seconds": time.perf_counter() - start,
-            "timings": {k: v for k, v in self.timings.items() if k.startswith(arm.key + "/")},
+            "timings": {k: v for k, v in self.stage_seconds.items() if k.startswith(arm.key + "/")},
         }
+        # the arm's own compute: its training stages (kept across resumes) and evaluations
+        result["stage_seconds"] = sum(result["timings"].values()) + sum(
+            r.get("eval_seconds", 0.0) for r in per_seed
+        )
         result_file.write_text(json.dumps(result, indent=2))
         return result
 

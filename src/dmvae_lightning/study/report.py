@@ -52,7 +52,8 @@ def study_markdown(report: dict[str, Any]) -> str:
         f"Latent distances in the reference model's normalised space ({sizes['distance']} "
         "samples); in brackets the same for the arm's ablation (matching weight 0). Probe: linear "
         f"classifier on the latents ({sizes['probe_train']} training images). FM loss: the "
-        "generator's flow-matching loss on the test latents."
+        "generator's flow-matching loss on the test latents. Seconds: the arm's own training "
+        "stages and evaluations (shared stages below)."
         + (" QUICK RUN: numbers are meaningless." if report.get("quick") else ""),
     ]
     for table in sorted({r["table"] for r in report["arms"]}):
@@ -70,7 +71,7 @@ def study_markdown(report: dict[str, Any]) -> str:
                 f"| {row['title']} | {row['reference'] or '-'} | {_num(t, 'psnr', '.2f')} "
                 f"| {_num(t, 'rfid', '.2f')} | {_pm(s, 'gfid')} | {_pm(s, 'is')} "
                 f"| {_pm(s, 'fm_loss', 3)} | {dist('mmd')} | {dist('swd')} "
-                f"| {_num(t, 'probe_acc', '.3f')} | {row['seconds']:.0f} |"
+                f"| {_num(t, 'probe_acc', '.3f')} | {row.get('stage_seconds', row['seconds']):.0f} |"
             )
     shared = report.get("shared_seconds") or {}
     if shared:
