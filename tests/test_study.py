@@ -109,7 +109,13 @@ def test_quick_study_end_to_end_and_resume(tmp_path, fashion_mnist_root):
     ]
     md = (runs / "study.md").read_text()
     assert "### Table 1" in md and md.count("| DMVAE") == 1 and " ± " in md
+    kl_line = next(line for line in md.splitlines() if "(`kl_vae`)" in line)
+    seeds = [f"{g['gfid']:.2f}" for g in rows["kl_vae"]["generators"]]
+    assert f"| {', '.join(seeds)} |" in kl_line  # the per-seed gFIDs next to mean ± std
     saved = json.loads((runs / "study.json").read_text())
+    # every shared stage's wall time, also those trained before the arm that reports them
+    assert set(saved["shared_seconds"]) == {f"shared/{name[:-5]}" for name in shared}
+    assert min(saved["shared_seconds"].values()) > 0
     assert [r["key"] for r in saved["arms"]] == arms
     for fig in ("gfid.png", "psnr_vs_gfid.png", "latent_pca.png"):
         assert (runs / "figures" / fig).stat().st_size > 1000

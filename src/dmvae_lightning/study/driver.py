@@ -169,9 +169,8 @@ class Study:
         if name not in SHARED:
             raise KeyError(f"unknown shared stage {name!r}; known: {sorted(SHARED)}")
         ckpt = self.runs / "shared" / f"{name}.ckpt"
-        if not ckpt.is_file():
-            stage = SHARED[name]
-            self._fit(stage.config, stage.overlay, ckpt, f"shared/{name}", None)
+        stage = SHARED[name]
+        self._fit(stage.config, stage.overlay, ckpt, f"shared/{name}", None)  # no-op when done
         return ckpt
 
     def tokenizer(self, arm: Arm) -> Path:
@@ -485,7 +484,9 @@ class Study:
             "quick": self.quick,
             "sizes": self.sizes,
             "arms": rows,
-            "shared_seconds": {k: v for k, v in self.timings.items() if k.startswith("shared/")},
+            "shared_seconds": {
+                k: v for k, v in self.stage_seconds.items() if k.startswith("shared/")
+            },
             "seconds": time.perf_counter() - start,
         }
         self.runs.mkdir(parents=True, exist_ok=True)

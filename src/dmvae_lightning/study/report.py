@@ -31,12 +31,16 @@ def _pm(summary: dict[str, float], key: str, digits: int = 2) -> str:
     return f"{summary[key + '_mean']:.{digits}f} ± {summary[key + '_std']:.{digits}f}"
 
 
+def _per_seed(row: dict[str, Any], key: str, digits: int = 2) -> str:
+    return ", ".join(f"{g[key]:.{digits}f}" for g in row["generators"] if key in g)
+
+
 def _num(values: dict[str, Any], key: str, fmt: str) -> str:
     return format(values[key], fmt) if key in values else "n/a"
 
 
 TABLE_HEADER = (
-    "| arm | reference | PSNR (dB) | rFID | gFID | IS (domain) | FM loss | MMD² to ref "
+    "| arm | reference | PSNR (dB) | rFID | gFID | gFID per seed | IS (domain) | FM loss | MMD² to ref "
     "(ablation) | SW2² to ref (ablation) | probe acc | seconds |"
 )
 
@@ -57,7 +61,7 @@ def study_markdown(report: dict[str, Any]) -> str:
         + (" QUICK RUN: numbers are meaningless." if report.get("quick") else ""),
     ]
     for table in sorted({r["table"] for r in report["arms"]}):
-        lines += ["", f"### Table {table}", "", TABLE_HEADER, "|" + "---|" * 11]
+        lines += ["", f"### Table {table}", "", TABLE_HEADER, "|" + "---|" * 12]
         for row in (r for r in report["arms"] if r["table"] == table):
             t, s = row["tokenizer"], row["summary"]
 
@@ -68,8 +72,10 @@ def study_markdown(report: dict[str, Any]) -> str:
                 return f"{t[key]:.4f}{abl}"
 
             lines.append(
-                f"| {row['title']} | {row['reference'] or '-'} | {_num(t, 'psnr', '.2f')} "
-                f"| {_num(t, 'rfid', '.2f')} | {_pm(s, 'gfid')} | {_pm(s, 'is')} "
+                f"| {row['title']} (`{row['key']}`) | {row['reference'] or '-'} "
+                f"| {_num(t, 'psnr', '.2f')} | {_num(t, 'rfid', '.2f')} | {_pm(s, 'gfid')} "
+                f"| {_per_seed(row, 'gfid')} "
+                f"| {_pm(s, 'is')} "
                 f"| {_pm(s, 'fm_loss', 3)} | {dist('mmd')} | {dist('swd')} "
                 f"| {_num(t, 'probe_acc', '.3f')} | {row.get('stage_seconds', row['seconds']):.0f} |"
             )
