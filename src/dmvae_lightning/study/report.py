@@ -85,7 +85,10 @@ def study_markdown(report: dict[str, Any]) -> str:
             "",
             "Shared stages (seconds): " + ", ".join(f"{k[7:]} {v:.0f}" for k, v in shared.items()),
         ]
-    lines.append(f"\nTotal: {report['seconds']:.0f} s.")
+    lines.append(
+        f"\nThis invocation: {report['seconds']:.0f} s (finished arms and stages are read back, "
+        "not redone; the seconds column keeps each arm's own time)."
+    )
     return "\n".join(lines) + "\n"
 
 
