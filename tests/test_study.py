@@ -12,10 +12,12 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from dmvae_lightning import study
+from dmvae_lightning.study.arms import QUICK_TRAINER
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,8 +56,9 @@ def test_arm_file_errors_name_the_problem(tmp_path):
 
 
 def test_summary_is_mean_and_sample_std():
-    rows = [{"seed": 0, "gfid": 1.0}, {"seed": 1, "gfid": 2.0}, {"seed": 2, "gfid": 4.0}]
+    rows = [{"seed": s, "gfid": g, "eval_seconds": 60.0 + s} for s, g in enumerate([1.0, 2.0, 4.0])]
     s = study.summarize(rows)
+    assert set(s) == {"gfid_mean", "gfid_std"}  # wall time and seed are not metrics
     assert s["gfid_mean"] == pytest.approx(7 / 3)
     assert s["gfid_std"] == pytest.approx(
         math.sqrt(((1 - 7 / 3) ** 2 + (2 - 7 / 3) ** 2 + (4 - 7 / 3) ** 2) / 2)
@@ -117,6 +120,12 @@ def test_quick_study_end_to_end_and_resume(tmp_path, fashion_mnist_root):
     assert set(saved["shared_seconds"]) == {f"shared/{name[:-5]}" for name in shared}
     assert min(saved["shared_seconds"].values()) > 0
     assert [r["key"] for r in saved["arms"]] == arms
+    # the reference score model's fit on held-out stage-1 latents (data references only)
+    assert set(saved["references"]) == {"supervised"}
+    quality = saved["references"]["supervised"]
+    assert math.isfinite(quality["fm_loss"]) and 0 < quality["fm_loss"] < 2.5
+    assert quality["steps"] == QUICK_TRAINER["reference"]
+    assert "Reference score models" in md and "supervised " in md
     for fig in ("gfid.png", "psnr_vs_gfid.png", "latent_pca.png"):
         assert (runs / "figures" / fig).stat().st_size > 1000
     assert any((runs / "tb" / "summary").iterdir())
@@ -135,6 +144,17 @@ def test_quick_study_end_to_end_and_resume(tmp_path, fashion_mnist_root):
     )
     assert resumed["stage_seconds"] >= sum(resumed["timings"].values()) > 0
 
+    # the diffusion-noise reference reads the stage-1 latents from a latent cache encoded once
+    # (no encoder pass per batch): z_t = 0.5 z + 0.5 eps has mean 0.5 E[z], var 0.25 Var z + 0.25
+    z_t = again.reference_samples("diffusion_noise")
+    bank = torch.from_numpy(
+        np.load(runs / "shared" / "latents_tokenizer_supervised" / "latents.npy")
+    )[:, 0]
+    assert bank.shape[1:] == z_t.shape[1:] == (4, 8, 8)
+    assert float(z_t.mean()) == pytest.approx(0.5 * float(bank.mean()), abs=0.02)
+    assert float(z_t.var()) == pytest.approx(0.25 * float(bank.var()) + 0.25, rel=0.05)
+    assert "shared/latents_tokenizer_supervised" in again.stage_seconds
+
 
 def test_latent_distances_grow_with_the_shift_and_leave_the_global_rng_alone():
     g = torch.Generator().manual_seed(0)
@@ -148,3 +168,31 @@ def test_latent_distances_grow_with_the_shift_and_leave_the_global_rng_alone():
     # SW2^2 of a shift by 1 in every one of 16 coordinates: E[(theta . 1)^2] = 1 per direction
     assert 0.7 < far["swd"] - near["swd"] < 1.3
     assert study.latent_distances(same, ref) == near  # seeded: the same numbers again
+
+
+def test_flow_matching_loss_of_the_optimal_velocity_is_the_closed_form_minimum():
+    # data x ~ N(0, 1) per element, x_t = t x + (1 - t) eps, target v = x - eps: the best
+    # predictor is E[v | x_t] = (2t - 1) / (t^2 + (1 - t)^2) x_t and its loss integrates
+    # 2 - (2t - 1)^2 / (t^2 + (1 - t)^2) over t ~ U[0, 1]; a zero predictor scores 2
+    import contextlib
+
+    class Stub:
+        def __init__(self, optimal: bool):
+            self.optimal = optimal
+
+        def ema_scope(self):
+            return contextlib.nullcontext()
+
+        def dit(self, x_t, t, y):
+            t = t.view(-1, 1, 1, 1)
+            gain = (2 * t - 1) / (t**2 + (1 - t) ** 2)
+            return gain * x_t if self.optimal else torch.zeros_like(x_t)
+
+    z = torch.randn(20000, 1, 4, 4, generator=torch.Generator().manual_seed(5))
+    y = torch.zeros(20000, dtype=torch.long)
+    grid = (torch.arange(100000, dtype=torch.float64) + 0.5) / 100000
+    expected = float((2 - (2 * grid - 1) ** 2 / (grid**2 + (1 - grid) ** 2)).mean())
+    best = study.flow_matching_loss(Stub(True), z, y)
+    assert best == pytest.approx(expected, rel=0.02)
+    assert study.flow_matching_loss(Stub(False), z, y) == pytest.approx(2.0, rel=0.02)
+    assert best < 2.0 - 0.3  # the closed form is pi / 2: the check separates the two

@@ -59,7 +59,7 @@ from dmvae_lightning.study.arms import (
 )
 from dmvae_lightning.study.cli import main
 from dmvae_lightning.study.driver import Study
-from dmvae_lightning.study.evaluation import latent_distances, linear_probe
+from dmvae_lightning.study.evaluation import flow_matching_loss, latent_distances, linear_probe
 from dmvae_lightning.study.report import study_markdown, summarize
 
 __all__ = [
@@ -74,6 +74,7 @@ __all__ = [
     "Reference",
     "SharedStage",
     "Study",
+    "flow_matching_loss",
     "latent_distances",
     "linear_probe",
     "load_arms",

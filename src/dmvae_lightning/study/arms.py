@@ -95,7 +95,8 @@ class Reference:
 class SharedStage:
     """A stage trained once per study: ``config`` under configs/fashion_mnist with ``overlay``.
     String values ``"@name"`` in the overlay are replaced by the checkpoint of shared stage
-    ``name`` (trained first); ``"@runs"`` by the study's run folder."""
+    ``name`` (trained first); ``"@runs"`` by the study's run folder; ``"@latents/<name>"`` by a
+    latent cache of the training images encoded with shared tokenizer ``name`` (made once)."""
 
     config: str
     overlay: dict[str, Any] = field(default_factory=dict)
@@ -126,14 +127,9 @@ def _source_reference(source: dict[str, Any], scale: float = 1.0) -> SharedStage
 
 
 SHAPE = [4, 8, 8]
-_NOISE_BASE = {
-    "name": "checkpoint",
-    "shape": SHAPE,
-    "checkpoint": "@tokenizer_supervised",
-    "reduce": "none",
-    "cache_dir": "@runs/shared/feature_cache_dnoise",
-    "cache_dtype": "float32",
-}
+#: The stage-1 tokenizer's latents of the training images, encoded once into a latent cache
+#: (``@latents/<shared tokenizer>``) and read as a bank: no encoder pass per reference batch.
+_NOISE_BASE = {"name": "bank", "shape": SHAPE, "path": "@latents/tokenizer_supervised"}
 SOURCES: dict[str, dict[str, Any]] = {
     "gaussian": {"name": "gaussian", "shape": SHAPE, "mean": 0.0, "std": 1.0},
     "gmm": {
@@ -188,6 +184,13 @@ SHARED: dict[str, SharedStage] = {
             }
         },
     ),
+    "reference_supervised_long": SharedStage(
+        "reference.yaml",
+        {
+            "model": {"init_args": {"tokenizer_ckpt": "@tokenizer_supervised"}},
+            "trainer": {"max_steps": 3600},
+        },
+    ),
     "reference_ssl": SharedStage(
         "reference.yaml", {"model": {"init_args": {"tokenizer_ckpt": "@tokenizer_ssl"}}}
     ),
@@ -213,6 +216,7 @@ SHARED: dict[str, SharedStage] = {
 REFERENCES: dict[str, Reference] = {
     "supervised": Reference("tokenizer_supervised", "reference_supervised"),
     "supervised_wide": Reference("tokenizer_supervised", "reference_supervised_wide"),
+    "supervised_long": Reference("tokenizer_supervised", "reference_supervised_long"),
     "ssl": Reference("tokenizer_ssl", "reference_ssl"),
     **{
         name: Reference("tokenizer_supervised", f"reference_{name}", SOURCES[name])

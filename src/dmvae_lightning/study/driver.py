@@ -33,6 +33,7 @@ from dmvae_lightning.study.arms import (
 )
 from dmvae_lightning.study.evaluation import (
     fashion_mnist,
+    flow_matching_loss,
     in_chunks,
     latent_distances,
     linear_probe,
@@ -100,6 +101,8 @@ class Study:
     def _resolve(self, value: Any) -> Any:
         if isinstance(value, str) and value.startswith("@runs"):
             return str(self.runs) + value[len("@runs") :]
+        if isinstance(value, str) and value.startswith("@latents/"):
+            return str(self.shared_latents(value[len("@latents/") :]))
         if isinstance(value, str) and value.startswith("@"):
             return str(self.shared(value[1:]))
         if isinstance(value, dict):
@@ -117,8 +120,7 @@ class Study:
         time). Returns them (0 when skipped)."""
         seconds_file = ckpt.with_suffix(".seconds")
         if ckpt.is_file():
-            if seconds_file.is_file():  # the time the stage took when it was trained
-                self.stage_seconds[tb_name] = float(seconds_file.read_text())
+            self._read_seconds(ckpt, tb_name)
             return 0.0
         from dmvae_lightning.cli import main as cli_main
 
@@ -164,6 +166,13 @@ class Study:
         seconds_file.write_text(f"{self.timings[tb_name]:.1f}\n")
         return self.timings[tb_name]
 
+    def _read_seconds(self, ckpt: Path, name: str) -> None:
+        """Put the time stage ``name`` took when it was trained (``<ckpt>.seconds``, written by
+        :meth:`_fit`) in ``stage_seconds``; nothing when the file is missing."""
+        seconds_file = ckpt.with_suffix(".seconds")
+        if seconds_file.is_file():
+            self.stage_seconds[name] = float(seconds_file.read_text())
+
     def shared(self, name: str) -> Path:
         """Checkpoint of shared stage ``name``, trained first when missing."""
         if name not in SHARED:
@@ -172,6 +181,17 @@ class Study:
         stage = SHARED[name]
         self._fit(stage.config, stage.overlay, ckpt, f"shared/{name}", None)  # no-op when done
         return ckpt
+
+    def shared_latents(self, tokenizer: str) -> Path:
+        """``shared/latents_<tokenizer>``: the training images encoded once with shared
+        tokenizer stage ``tokenizer`` (a latent cache; a bank for reference sources)."""
+        ckpt = self.shared(tokenizer)
+        return self._encode(
+            ckpt,
+            self.runs / "shared" / f"latents_{tokenizer}",
+            "train",
+            f"shared/latents_{tokenizer}",
+        )
 
     def tokenizer(self, arm: Arm) -> Path:
         """The arm's final tokenizer checkpoint (its stages trained in order)."""
@@ -262,6 +282,32 @@ class Study:
         self._cache[key] = z
         return z
 
+    def reference_quality(self, reference: str) -> dict[str, Any]:
+        """The reference score model's fit: its flow-matching loss (:func:`flow_matching_loss`)
+        on the stage-1 tokenizer's latents of the test images (references of tokenizer
+        latents only; {} for source references, whose samples are not images' latents) and
+        its training steps."""
+        ref = REFERENCES[reference]
+        if ref.source is not None:
+            return {}
+        key = f"quality/{reference}"
+        if key not in self._cache:
+            from dmvae_lightning.modules.diffusion import LatentDiffusionModule
+
+            model = LatentDiffusionModule.load_from_checkpoint(
+                str(self.shared(ref.model)), map_location="cpu", weights_only=True
+            ).eval()
+            x, y = self.eval_set()
+            tok = load_tokenizer(self.shared(ref.tokenizer))
+            z = model.normalize(in_chunks(tok.encode, x))
+            state = torch.load(self.shared(ref.model), map_location="cpu", weights_only=True)
+            self._cache[key] = {
+                "model": ref.model,
+                "fm_loss": flow_matching_loss(model, z, y),
+                "steps": int(state.get("global_step", 0)),
+            }
+        return self._cache[key]
+
     def distances(self, z: torch.Tensor, reference: str) -> dict[str, float]:
         """MMD^2 (RBF, unbiased) and SW2^2 (512 fixed directions) between raw latents ``z`` and
         the reference's samples, both mapped by the reference model's normalisation."""
@@ -306,37 +352,40 @@ class Study:
 
     def latent_cache(self, arm: Arm, ckpt: Path) -> Path:
         """``arms/<arm>/latents/{train,val}`` encoded once with the final tokenizer."""
+        root = self.runs / "arms" / arm.key / "latents"
+        self._encode(ckpt, root / "train", "train", f"{arm.key}/cache_train")
+        self._encode(ckpt, root / "val", "test", f"{arm.key}/cache_val")
+        return root
+
+    def _encode(self, ckpt: Path, out: Path, split: str, name: str) -> Path:
+        """Latent cache ``out`` of Fashion-MNIST ``split`` encoded with tokenizer ``ckpt``,
+        unless ``out`` already caches that tokenizer (``--quick``: a slice of the split)."""
         from dmvae_lightning.data.images import FashionMNIST
         from dmvae_lightning.latents import LatentCache, encode_dataset
 
-        root = self.runs / "arms" / arm.key / "latents"
-        tok = None
-        for split, folder in (("train", "train"), ("test", "val")):
-            out = root / folder
-            try:
-                LatentCache(out).check_tokenizer(ckpt)
-                continue
-            except (FileNotFoundError, ValueError):
-                pass
-            tok = tok or load_tokenizer(ckpt)
-            data = FashionMNIST(split=split, channels=1, pad_to=32)
-            if self.quick:  # a slice of the split: enough batches for the quick generator
-                data = torch.utils.data.Subset(data, range(QUICK_CACHE[folder]))
-            start = time.perf_counter()
-            encode_dataset(
-                tok,
-                data,
-                out,
-                batch_size=500,
-                progress=False,
-                dtype="float32",
-                tokenizer_ckpt=ckpt,
-                dataset_name=f"fashion_mnist:{split}",
+        try:
+            LatentCache(out).check_tokenizer(ckpt)
+            return out
+        except (FileNotFoundError, ValueError):
+            pass
+        data = FashionMNIST(split=split, channels=1, pad_to=32)
+        if self.quick:  # enough batches for the quick stages
+            data = torch.utils.data.Subset(
+                data, range(QUICK_CACHE["val" if split == "test" else "train"])
             )
-            seconds = time.perf_counter() - start
-            self.timings[f"{arm.key}/cache_{folder}"] = seconds
-            self.stage_seconds[f"{arm.key}/cache_{folder}"] = seconds
-        return root
+        start = time.perf_counter()
+        encode_dataset(
+            load_tokenizer(ckpt),
+            data,
+            out,
+            batch_size=500,
+            progress=False,
+            dtype="float32",
+            tokenizer_ckpt=ckpt,
+            dataset_name=f"fashion_mnist:{split}",
+        )
+        self.timings[name] = self.stage_seconds[name] = time.perf_counter() - start
+        return out
 
     def generator(self, arm: Arm, tokenizer: Path, cache: Path, seed: int) -> Path:
         overlay = merge(
@@ -361,7 +410,6 @@ class Study:
         return ckpt
 
     def evaluate_generator(self, ckpt: Path, seed: int) -> dict[str, float]:
-        from dmvae_lightning import flow
         from dmvae_lightning.metrics import frechet_distance
         from dmvae_lightning.metrics.evaluate import inception_score
         from dmvae_lightning.modules.diffusion import LatentDiffusionModule
@@ -388,16 +436,9 @@ class Study:
         }
         # flow-matching loss on the test latents: stratified t, seeded noise, EMA weights
         x, y = self.eval_set()
-        z = gen.normalize(in_chunks(gen.tokenizer.encode, x))
-        t = (torch.arange(z.shape[0], dtype=torch.float32) + 0.5) / z.shape[0]
-        t = t[torch.randperm(z.shape[0], generator=torch.Generator().manual_seed(1))]
-        eps = torch.randn(z.shape, generator=torch.Generator().manual_seed(2))
-        losses = []
-        with torch.no_grad(), gen.ema_scope():
-            for sl in torch.arange(z.shape[0]).split(1000):
-                loss, _ = flow.velocity_loss(gen.dit, z[sl], y[sl], t=t[sl], eps=eps[sl])
-                losses.append(float(loss) * sl.numel())
-        out["fm_loss"] = sum(losses) / z.shape[0]
+        out["fm_loss"] = flow_matching_loss(
+            gen, gen.normalize(in_chunks(gen.tokenizer.encode, x)), y
+        )
         return out
 
     # ---------------------------------------------------------------- arms
@@ -431,11 +472,9 @@ class Study:
             seed_file = arm_dir / f"generator_seed{seed}.json"
             if seed_file.is_file():
                 per_seed.append(json.loads(seed_file.read_text()))
-                trained = arm_dir / f"generator_seed{seed}.seconds"
-                if trained.is_file():
-                    self.stage_seconds[f"{arm.key}/generator_seed{seed}"] = float(
-                        trained.read_text()
-                    )
+                self._read_seconds(
+                    arm_dir / f"generator_seed{seed}.ckpt", f"{arm.key}/generator_seed{seed}"
+                )
                 continue
             ckpt = self.generator(arm, tok_ckpt, cache, seed)
             start_eval = time.perf_counter()
@@ -484,6 +523,11 @@ class Study:
             "quick": self.quick,
             "sizes": self.sizes,
             "arms": rows,
+            "references": {
+                name: q
+                for name in sorted({a.reference for a in arms if a.reference})
+                if (q := self.reference_quality(name))
+            },
             "shared_seconds": {
                 k: v for k, v in self.stage_seconds.items() if k.startswith("shared/")
             },

@@ -106,3 +106,22 @@ def posterior_kl(tokenizer, x: torch.Tensor) -> float | None:
         mean, logvar = parts.bottleneck.forward_stats(parts.encoder(x))
         kl = 0.5 * (mean.square() + logvar.exp() - 1 - logvar).flatten(1).sum(1)
     return float(kl.mean())
+
+
+def flow_matching_loss(module, z: torch.Tensor, y: torch.Tensor, chunk: int = 1000) -> float:
+    """Mean flow-matching velocity loss of ``module`` (a LatentDiffusionModule, EMA weights, no
+    label dropout) on normalised latents ``z`` (N, C, H, W) with labels ``y`` (N,): stratified
+    ``t`` (one per latent, fixed permutation) and fixed noise, so two models on the same ``z``
+    see the same draws. Lower: the model fits these latents better."""
+    from dmvae_lightning import flow
+
+    n = z.shape[0]
+    t = (torch.arange(n, dtype=torch.float32) + 0.5) / n
+    t = t[torch.randperm(n, generator=torch.Generator().manual_seed(1))]
+    eps = torch.randn(z.shape, generator=torch.Generator().manual_seed(2))
+    total = 0.0
+    with torch.no_grad(), module.ema_scope():
+        for sl in torch.arange(n).split(chunk):
+            loss, _ = flow.velocity_loss(module.dit, z[sl], y[sl], t=t[sl], eps=eps[sl])
+            total += float(loss) * sl.numel()
+    return total / n

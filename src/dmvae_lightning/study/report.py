@@ -10,9 +10,10 @@ import torch
 
 
 def summarize(per_seed: list[dict[str, Any]]) -> dict[str, float]:
-    """Mean and sample std (n - 1; 0 for one seed) over seeds of every generator metric."""
+    """Mean and sample std (n - 1; 0 for one seed) over seeds of every generator metric (not of
+    the seed number or the evaluation's wall time)."""
     out: dict[str, float] = {}
-    keys = [k for k in per_seed[0] if k != "seed"] if per_seed else []
+    keys = [k for k in per_seed[0] if k not in ("seed", "eval_seconds")] if per_seed else []
     for key in keys:
         values = torch.tensor([float(r[key]) for r in per_seed], dtype=torch.float64)
         out[f"{key}_mean"] = float(values.mean())
@@ -79,6 +80,17 @@ def study_markdown(report: dict[str, Any]) -> str:
                 f"| {_pm(s, 'fm_loss', 3)} | {dist('mmd')} | {dist('swd')} "
                 f"| {_num(t, 'probe_acc', '.3f')} | {row.get('stage_seconds', row['seconds']):.0f} |"
             )
+    refs = report.get("references") or {}
+    if refs:
+        lines += [
+            "",
+            "Reference score models (the DMD real score): flow-matching loss on the stage-1 "
+            "latents of the test images (same t and noise draws for each; lower fits better): "
+            + ", ".join(
+                f"{name} {q['fm_loss']:.4f} ({q['steps']} steps)" for name, q in refs.items()
+            )
+            + ".",
+        ]
     shared = report.get("shared_seconds") or {}
     if shared:
         lines += [
