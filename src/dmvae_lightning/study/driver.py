@@ -528,9 +528,7 @@ class Study:
                 for name in sorted({a.reference for a in arms if a.reference})
                 if (q := self.reference_quality(name))
             },
-            "shared_seconds": {
-                k: v for k, v in self.stage_seconds.items() if k.startswith("shared/")
-            },
+            "shared_seconds": self.shared_seconds(),
             "seconds": time.perf_counter() - start,
         }
         self.runs.mkdir(parents=True, exist_ok=True)
@@ -541,6 +539,14 @@ class Study:
         except ImportError as err:  # matplotlib is an optional dependency
             self.log(f"[study] no figures: {err}")
         return report
+
+    def shared_seconds(self) -> dict[str, float]:
+        """Seconds of every shared stage of this run folder: those met by this object and
+        every ``shared/*.seconds`` file (stages trained by earlier or parallel invocations)."""
+        out = {k: v for k, v in self.stage_seconds.items() if k.startswith("shared/")}
+        for file in sorted((self.runs / "shared").glob("*.seconds")):
+            out.setdefault(f"shared/{file.stem}", float(file.read_text()))
+        return dict(sorted(out.items()))
 
     def figures(self, rows: list[dict[str, Any]]) -> None:
         from torch.utils.tensorboard import SummaryWriter
