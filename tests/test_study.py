@@ -51,6 +51,12 @@ def test_arm_file_errors_name_the_problem(tmp_path):
     bad.write_text("title: x\nreference: null\ntokenizer: []\n")
     with pytest.raises(ValueError, match="from: scratch"):
         study.Arm.from_file(bad)
+    bad.write_text(
+        "title: x\nreference: supervised\ntokenizer:\n  - config: align.yaml\n"
+        "    overlay: {seed_everything: 1}\n"
+    )
+    with pytest.raises(ValueError, match="model.init_args.seed and data.init_args.seed"):
+        study.Arm.from_file(bad)
     with pytest.raises(ValueError, match="unknown arm"):
         study.load_arms(ROOT / study.ARMS_DIR, names=["no_such_arm"])
 

@@ -262,7 +262,13 @@ class Arm:
                     f"{path}: tokenizer[{i}] needs `config` (and optionally `overlay`, `from`), "
                     f"got keys {sorted(stage)}"
                 )
-            load_overlay(stage.get("overlay"), configs)  # a missing overlay file fails here
+            overlay = load_overlay(stage.get("overlay"), configs)  # a missing file fails here
+            if "seed_everything" in overlay:
+                raise ValueError(
+                    f"{path}: tokenizer[{i}].overlay sets seed_everything, which changes nothing "
+                    "(the stages draw all randomness from model.init_args.seed and "
+                    "data.init_args.seed so that resuming is exact); set those two instead"
+                )
             if not (configs / stage["config"]).is_file():
                 raise ValueError(
                     f"{path}: tokenizer[{i}].config {stage['config']!r} is not a file under "
