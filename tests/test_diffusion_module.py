@@ -303,6 +303,11 @@ def test_latent_cache_round_trip_and_fingerprint(tmp_path, tokenizer_ckpt, fashi
         assert is_plain or torch.equal(item["reference"], z_flip[i])
         seen_views.add(is_plain)
     assert seen_views == {True, False}  # both views are served
+    whole, whole_labels = cache.as_tensors()  # every latent of one view at once, in order
+    assert torch.equal(whole, z) and torch.equal(whole_labels, labels)
+    assert torch.equal(cache.as_tensors(view=1)[0], z_flip)
+    with pytest.raises(ValueError, match="2 view"):
+        cache.as_tensors(view=2)
 
     # float16 storage: exactly the rounded latents; no flips -> another fingerprint
     meta16 = encode_dataset(tok, data, tmp_path / "f16", batch_size=7, progress=False)

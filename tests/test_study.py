@@ -12,11 +12,11 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from dmvae_lightning import study
+from dmvae_lightning.latents import LatentCache
 from dmvae_lightning.study.arms import QUICK_TRAINER
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -153,13 +153,21 @@ def test_quick_study_end_to_end_and_resume(tmp_path, fashion_mnist_root):
     # the diffusion-noise reference reads the stage-1 latents from a latent cache encoded once
     # (no encoder pass per batch): z_t = 0.5 z + 0.5 eps has mean 0.5 E[z], var 0.25 Var z + 0.25
     z_t = again.reference_samples("diffusion_noise")
-    bank = torch.from_numpy(
-        np.load(runs / "shared" / "latents_tokenizer_supervised" / "latents.npy")
-    )[:, 0]
+    bank, _ = LatentCache(runs / "shared" / "latents_tokenizer_supervised").as_tensors()
     assert bank.shape[1:] == z_t.shape[1:] == (4, 8, 8)
     assert float(z_t.mean()) == pytest.approx(0.5 * float(bank.mean()), abs=0.02)
     assert float(z_t.var()) == pytest.approx(0.25 * float(bank.var()) + 0.25, rel=0.05)
     assert "shared/latents_tokenizer_supervised" in again.stage_seconds
+
+    # the generator's FM loss reads the test latents from the arm's cache: same numbers as
+    # encoding them again; a cache of another arm's tokenizer is refused
+    gen_ckpt = runs / "arms" / "gaussian" / "generator_seed0.ckpt"
+    cached = again.evaluate_generator(gen_ckpt, 0, runs / "arms" / "gaussian" / "latents" / "val")
+    encoded = again.evaluate_generator(gen_ckpt, 0)
+    assert cached["fm_loss"] == pytest.approx(encoded["fm_loss"], rel=1e-5)
+    assert cached["fm_loss"] == pytest.approx(rows["gaussian"]["generators"][0]["fm_loss"])
+    with pytest.raises(ValueError, match="is not the tokenizer"):
+        again.evaluate_generator(gen_ckpt, 0, runs / "arms" / "ablation" / "latents" / "val")
 
 
 def test_latent_distances_grow_with_the_shift_and_leave_the_global_rng_alone():

@@ -255,6 +255,14 @@ class LatentCache(Dataset):
                 f"cache {str(self.path)!r}; re-encode the cache or use the matching checkpoint."
             )
 
+    def as_tensors(self, view: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole cache at once: latents (N, C, H, W) float32 of stored view ``view`` (0: the
+        unflipped images) and labels (N,) int64, in the encoded data set's order."""
+        if not 0 <= view < self.views:
+            raise ValueError(f"latent cache {str(self.path)!r} stores {self.views} view(s)")
+        latents = np.asarray(self._array()[:, view], dtype=np.float32)
+        return torch.from_numpy(latents.copy()), self.labels.clone()
+
     def _array(self) -> np.ndarray:
         if self._latents is None:
             self._latents = np.load(self.path / LATENTS_FILE, mmap_mode="r", allow_pickle=False)

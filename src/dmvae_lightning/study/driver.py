@@ -252,11 +252,27 @@ class Study:
             self._cache["real_stats"] = self.fid_features().stats(self.eval_set()[0])
         return self._cache["real_stats"]
 
+    def _checkpoint(self, ckpt: Path) -> dict[str, Any]:
+        """The contents of checkpoint file ``ckpt`` (read once per study object)."""
+        key = f"checkpoint/{ckpt}"
+        if key not in self._cache:
+            self._cache[key] = torch.load(ckpt, map_location="cpu", weights_only=True)
+        return self._cache[key]
+
     def reference_model_stats(self, reference: str) -> tuple[float, float]:
-        state = torch.load(
-            self.shared(REFERENCES[reference].model), map_location="cpu", weights_only=True
-        )["state_dict"]
+        """``(latent_mean, latent_scale)`` of the reference's score model: its normalisation
+        ``(z - mean) * scale`` of raw latents."""
+        state = self._checkpoint(self.shared(REFERENCES[reference].model))["state_dict"]
         return float(state["latent_mean"]), float(state["latent_scale"])
+
+    def test_latents(self, tokenizer: str) -> torch.Tensor:
+        """Raw latents of the evaluation images (:meth:`eval_set`) under shared tokenizer stage
+        ``tokenizer``, encoded once per study object."""
+        key = f"test_latents/{tokenizer}"
+        if key not in self._cache:
+            tok = load_tokenizer(self.shared(tokenizer))
+            self._cache[key] = in_chunks(tok.encode, self.eval_set()[0])
+        return self._cache[key]
 
     def reference_samples(self, reference: str) -> torch.Tensor:
         """``distance`` samples of the reference, raw (the score model's input space)."""
@@ -294,17 +310,15 @@ class Study:
         if key not in self._cache:
             from dmvae_lightning.modules.diffusion import LatentDiffusionModule
 
+            ckpt = self.shared(ref.model)
             model = LatentDiffusionModule.load_from_checkpoint(
-                str(self.shared(ref.model)), map_location="cpu", weights_only=True
+                str(ckpt), map_location="cpu", weights_only=True
             ).eval()
-            x, y = self.eval_set()
-            tok = load_tokenizer(self.shared(ref.tokenizer))
-            z = model.normalize(in_chunks(tok.encode, x))
-            state = torch.load(self.shared(ref.model), map_location="cpu", weights_only=True)
+            z = model.normalize(self.test_latents(ref.tokenizer))
             self._cache[key] = {
                 "model": ref.model,
-                "fm_loss": flow_matching_loss(model, z, y),
-                "steps": int(state.get("global_step", 0)),
+                "fm_loss": flow_matching_loss(model, z, self.eval_set()[1]),
+                "steps": int(self._checkpoint(ckpt).get("global_step", 0)),
             }
         return self._cache[key]
 
@@ -409,7 +423,13 @@ class Study:
         self._fit("diffusion.yaml", overlay, ckpt, f"{arm.key}/generator_seed{seed}", seed)
         return ckpt
 
-    def evaluate_generator(self, ckpt: Path, seed: int) -> dict[str, float]:
+    def evaluate_generator(
+        self, ckpt: Path, seed: int, latents: Path | None = None
+    ) -> dict[str, float]:
+        """gFID and IS of ``gen_samples`` class-balanced samples (50-step Euler, no CFG, noise
+        seeded by ``seed``) and the flow-matching loss on the evaluation images' latents: read
+        from latent cache ``latents`` (the arm's ``latents/val``) when given, which must have
+        been encoded by the generator's tokenizer checkpoint, else encoded here."""
         from dmvae_lightning.metrics import frechet_distance
         from dmvae_lightning.metrics.evaluate import inception_score
         from dmvae_lightning.modules.diffusion import LatentDiffusionModule
@@ -436,9 +456,18 @@ class Study:
         }
         # flow-matching loss on the test latents: stratified t, seeded noise, EMA weights
         x, y = self.eval_set()
-        out["fm_loss"] = flow_matching_loss(
-            gen, gen.normalize(in_chunks(gen.tokenizer.encode, x)), y
-        )
+        if latents is None:
+            z = in_chunks(gen.tokenizer.encode, x)
+        else:
+            from dmvae_lightning.latents import LatentCache
+
+            cache = LatentCache(latents)
+            cache.check_tokenizer(gen.hparams.tokenizer_ckpt)
+            z, cached_y = cache.as_tensors()
+            z = z[: x.shape[0]]
+            if not torch.equal(cached_y[: x.shape[0]], y):
+                raise ValueError(f"latent cache {str(latents)!r} is not of the evaluation images")
+        out["fm_loss"] = flow_matching_loss(gen, gen.normalize(z), y)
         return out
 
     # ---------------------------------------------------------------- arms
@@ -478,7 +507,7 @@ class Study:
                 continue
             ckpt = self.generator(arm, tok_ckpt, cache, seed)
             start_eval = time.perf_counter()
-            res = {"seed": seed, **self.evaluate_generator(ckpt, seed)}
+            res = {"seed": seed, **self.evaluate_generator(ckpt, seed, cache / "val")}
             res["eval_seconds"] = time.perf_counter() - start_eval
             seed_file.write_text(json.dumps(res, indent=2))
             per_seed.append(res)
