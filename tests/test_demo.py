@@ -74,6 +74,42 @@ def test_demo_runs_every_stage_skips_and_reports(demo_root, capsys, monkeypatch)
     demo.main(["--root", str(demo_root), "--eval_images", "40"])
     assert capsys.readouterr().out.count("exists, skipping") == len(demo.STAGES)
     assert (demo_root / demo.STAGES[0].checkpoint).stat().st_mtime_ns == first
+    # a checkpoint trained at another scale is not silently reused
+    with pytest.raises(RuntimeError, match="--scale 0.3"):
+        demo.main(["--root", str(demo_root), "--eval_images", "40", "--scale", "1"])
+
+
+def test_demo_scales_every_stage_but_the_fid_net(demo_root):
+    """Each stage ran with its configs' budget times the demo scale, written as an overlay after
+    its configs (the shrunk test configs: 5 batches; the KL-VAE overlay's 850 is not shrunk)."""
+    ckpts = {Path(stage.checkpoint).name: demo_root / stage.checkpoint for stage in demo.STAGES}
+    budgets = {
+        name: yaml.safe_load(ckpt.with_suffix(".budget.yaml").read_text())["trainer"]
+        for name, ckpt in ckpts.items()
+        if ckpt.with_suffix(".budget.yaml").is_file()
+    }
+    assert set(budgets) == set(ckpts) - {"fid_net.ckpt"}  # the FID instrument is never scaled
+    scale = demo.DEMO_SCALE
+    assert budgets["classifier.ckpt"] == {"limit_train_batches": round(5 * scale)}
+    assert budgets["kl_vae.ckpt"] == {"limit_train_batches": round(850 * scale)}
+    assert budgets["diffusion.ckpt"] == {
+        "limit_train_batches": round(5 * scale),
+        "max_steps": round(1200 * scale),
+    }
+    for name, ckpt in ckpts.items():
+        assert float(ckpt.with_suffix(".scale").read_text()) == scale, name
+
+
+def test_stage_budgets_of_the_shipped_configs():
+    """What `--scale 1` trains, read from the shipped configs (later files of a stack win)."""
+    stages = {Path(stage.checkpoint).name: stage for stage in demo.STAGES}
+    budget = {name: demo.stage_budget(stage, REPO) for name, stage in stages.items()}
+    assert budget["align.ckpt"] == {"limit_train_batches": 1000}
+    assert budget["kl_vae.ckpt"] == {"limit_train_batches": 850}  # the overlay's, not 500
+    assert budget["diffusion_kl_vae.ckpt"] == {"max_steps": 1200}
+    assert demo.scaled_budget(stages["kl_vae.ckpt"], REPO, 0.3) == {"limit_train_batches": 255}
+    assert demo.scaled_budget(stages["fid_net.ckpt"], REPO, 0.3) == {}
+    assert demo.scaled_budget(stages["align.ckpt"], REPO, 1.0) == {}
 
 
 def test_quickstart_notebook_runs_on_the_demo_checkpoints(demo_root, monkeypatch, capsys):
