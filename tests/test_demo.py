@@ -75,7 +75,7 @@ def test_demo_runs_every_stage_skips_and_reports(demo_root, capsys, monkeypatch)
     assert capsys.readouterr().out.count("exists, skipping") == len(demo.STAGES)
     assert (demo_root / demo.STAGES[0].checkpoint).stat().st_mtime_ns == first
     # a checkpoint trained at another scale is not silently reused
-    with pytest.raises(RuntimeError, match="--scale 0.3"):
+    with pytest.raises(RuntimeError, match="--scale 0.15"):
         demo.main(["--root", str(demo_root), "--eval_images", "40", "--scale", "1"])
 
 
