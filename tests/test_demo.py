@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -44,7 +45,7 @@ def demo_root(tmp_path_factory, fashion_mnist_root) -> Path:
         out.write_text(yaml.safe_dump(shrink(yaml.safe_load(path.read_text()))))
     cwd = os.getcwd()
     try:
-        demo.main(["--root", str(root), "--eval_images", "40"])
+        demo.main(["--root", str(root), "--eval_images", "40", "--scale", "1"])
     finally:
         os.chdir(cwd)
     return root
@@ -71,33 +72,50 @@ def test_demo_runs_every_stage_skips_and_reports(demo_root, capsys, monkeypatch)
     monkeypatch.chdir(demo_root)  # demo.main changes directory; restored after the test
     first = (demo_root / demo.STAGES[0].checkpoint).stat().st_mtime_ns
     capsys.readouterr()
-    demo.main(["--root", str(demo_root), "--eval_images", "40"])
+    demo.main(["--root", str(demo_root), "--eval_images", "40", "--scale", "1"])
     assert capsys.readouterr().out.count("exists, skipping") == len(demo.STAGES)
     assert (demo_root / demo.STAGES[0].checkpoint).stat().st_mtime_ns == first
     # a checkpoint trained at another scale is not silently reused
+    with pytest.raises(RuntimeError, match="trained at --scale 1, this run asks for 0.15"):
+        demo.main(["--root", str(demo_root), "--eval_images", "40"])
+
+
+def test_demo_scales_every_stage_but_the_fid_net(tmp_path, monkeypatch):
+    """Each stage runs the shipped configs with their budget times the demo scale as a last
+    overlay (the CLI replaced by a stand-in that records its arguments and writes the
+    checkpoint); the scale is recorded, and a checkpoint of another scale is refused."""
+    shutil.copytree(REPO / "configs", tmp_path / "configs")
+    calls: dict[str, list[str]] = {}
+    current: list[demo.Stage] = []
+
+    def fake_fit(args: list[str]) -> None:
+        assert args[0] == "fit" and args[1::2] == ["--config"] * (len(args) // 2)
+        ckpt = tmp_path / current[-1].checkpoint
+        calls[current[-1].checkpoint] = args[2::2]
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        ckpt.write_bytes(b"")
+
+    monkeypatch.setattr(demo, "cli_main", fake_fit)
+    for stage in demo.STAGES:
+        current.append(stage)
+        demo.run_stage(stage, tmp_path, 0.15)
+    budgets = {}
+    for stage in demo.STAGES:
+        ckpt = tmp_path / stage.checkpoint
+        overlays = calls[stage.checkpoint]
+        assert overlays[: len(stage.configs)] == [str(tmp_path / c) for c in stage.configs]
+        if Path(stage.checkpoint).name != "fid_net.ckpt":  # the FID instrument is not scaled
+            assert overlays[-1] == str(ckpt.with_suffix(".budget.yaml"))
+            budgets[ckpt.name] = yaml.safe_load(Path(overlays[-1]).read_text())["trainer"]
+        else:
+            assert len(overlays) == len(stage.configs)
+        assert float(ckpt.with_suffix(".scale").read_text()) == 0.15
+    assert budgets["classifier.ckpt"] == {"limit_train_batches": 30}  # 200 x 0.15
+    assert budgets["kl_vae.ckpt"] == {"limit_train_batches": 128}  # the overlay's 850, not 500
+    assert budgets["align.ckpt"] == {"limit_train_batches": 150}
+    assert budgets["diffusion_kl_vae.ckpt"] == {"max_steps": 180}
     with pytest.raises(RuntimeError, match="--scale 0.15"):
-        demo.main(["--root", str(demo_root), "--eval_images", "40", "--scale", "1"])
-
-
-def test_demo_scales_every_stage_but_the_fid_net(demo_root):
-    """Each stage ran with its configs' budget times the demo scale, written as an overlay after
-    its configs (the shrunk test configs: 5 batches; the KL-VAE overlay's 850 is not shrunk)."""
-    ckpts = {Path(stage.checkpoint).name: demo_root / stage.checkpoint for stage in demo.STAGES}
-    budgets = {
-        name: yaml.safe_load(ckpt.with_suffix(".budget.yaml").read_text())["trainer"]
-        for name, ckpt in ckpts.items()
-        if ckpt.with_suffix(".budget.yaml").is_file()
-    }
-    assert set(budgets) == set(ckpts) - {"fid_net.ckpt"}  # the FID instrument is never scaled
-    scale = demo.DEMO_SCALE
-    assert budgets["classifier.ckpt"] == {"limit_train_batches": round(5 * scale)}
-    assert budgets["kl_vae.ckpt"] == {"limit_train_batches": round(850 * scale)}
-    assert budgets["diffusion.ckpt"] == {
-        "limit_train_batches": round(5 * scale),
-        "max_steps": round(1200 * scale),
-    }
-    for name, ckpt in ckpts.items():
-        assert float(ckpt.with_suffix(".scale").read_text()) == scale, name
+        demo.run_stage(demo.STAGES[0], tmp_path, 0.3)
 
 
 def test_stage_budgets_of_the_shipped_configs():
