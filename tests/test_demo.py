@@ -76,7 +76,7 @@ def test_demo_runs_every_stage_skips_and_reports(demo_root, capsys, monkeypatch)
     assert capsys.readouterr().out.count("exists, skipping") == len(demo.STAGES)
     assert (demo_root / demo.STAGES[0].checkpoint).stat().st_mtime_ns == first
     # a checkpoint trained at another scale is not silently reused
-    with pytest.raises(RuntimeError, match="trained at --scale 1, this run asks for 0.15"):
+    with pytest.raises(RuntimeError, match="trained at --scale 1, this run asks for 0.1"):
         demo.main(["--root", str(demo_root), "--eval_images", "40"])
 
 
@@ -98,7 +98,7 @@ def test_demo_scales_every_stage_but_the_fid_net(tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "cli_main", fake_fit)
     for stage in demo.STAGES:
         current.append(stage)
-        demo.run_stage(stage, tmp_path, 0.15)
+        demo.run_stage(stage, tmp_path, 0.1)
     budgets = {}
     for stage in demo.STAGES:
         ckpt = tmp_path / stage.checkpoint
@@ -109,12 +109,12 @@ def test_demo_scales_every_stage_but_the_fid_net(tmp_path, monkeypatch):
             budgets[ckpt.name] = yaml.safe_load(Path(overlays[-1]).read_text())["trainer"]
         else:
             assert len(overlays) == len(stage.configs)
-        assert float(ckpt.with_suffix(".scale").read_text()) == 0.15
-    assert budgets["classifier.ckpt"] == {"limit_train_batches": 30}  # 200 x 0.15
-    assert budgets["kl_vae.ckpt"] == {"limit_train_batches": 128}  # the overlay's 850, not 500
-    assert budgets["align.ckpt"] == {"limit_train_batches": 150}
-    assert budgets["diffusion_kl_vae.ckpt"] == {"max_steps": 180}
-    with pytest.raises(RuntimeError, match="--scale 0.15"):
+        assert float(ckpt.with_suffix(".scale").read_text()) == 0.1
+    assert budgets["classifier.ckpt"] == {"limit_train_batches": 20}  # 200 x 0.1
+    assert budgets["kl_vae.ckpt"] == {"limit_train_batches": 85}  # the overlay's 850, not 500
+    assert budgets["align.ckpt"] == {"limit_train_batches": 100}
+    assert budgets["diffusion_kl_vae.ckpt"] == {"max_steps": 120}
+    with pytest.raises(RuntimeError, match="--scale 0.1"):
         demo.run_stage(demo.STAGES[0], tmp_path, 0.3)
 
 

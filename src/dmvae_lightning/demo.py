@@ -133,11 +133,12 @@ FID_NET = f"{CKPTS}/fid_net.ckpt"
 
 
 #: What ``make demo`` trains: every stage at this fraction of the batches / steps its configs
-#: name, so that the demo stays well under 10 minutes on 2 cores. Measured on 2 idle cores with
-#: 2000 evaluation samples: 13 min 20 s at 0.3, 9 min 18 s at 0.15 (KL-VAE 133 s, its generator
-#: 59 s, evaluation 113 s); the configs' own budgets (``--scale 1``) would take about 40 minutes,
-#: extrapolated from those runs. A demo of the pipeline, not evidence: ``make study`` has that.
-DEMO_SCALE = 0.15
+#: name, so that the demo stays well under 10 minutes on 2 cores. Measured on 2 idle cores:
+#: 13 min 20 s at 0.3 and 9 min 18 s at 0.15 with 2000 evaluation samples, 10 min 25 s at 0.15
+#: with 1000 in a slower run (KL-VAE 157 s, its generator 73 s, evaluation 74 s); the configs' own
+#: budgets (``--scale 1``) would take about 40 minutes, extrapolated from those runs. A demo of
+#: the pipeline, not evidence: ``make study`` has that.
+DEMO_SCALE = 0.1
 #: Stages kept at their configs' budget whatever the scale: the domain feature net is the FID
 #: instrument, and a weaker one would change what every gFID of the table means.
 UNSCALED = ("fid_net.ckpt",)
