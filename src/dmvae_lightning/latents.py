@@ -260,8 +260,8 @@ class LatentCache(Dataset):
         unflipped images) and labels (N,) int64, in the encoded data set's order."""
         if not 0 <= view < self.views:
             raise ValueError(f"latent cache {str(self.path)!r} stores {self.views} view(s)")
-        latents = np.asarray(self._array()[:, view], dtype=np.float32)
-        return torch.from_numpy(latents.copy()), self.labels.clone()
+        latents = np.array(self._array()[:, view], dtype=np.float32)  # one copy, out of the map
+        return torch.from_numpy(latents), self.labels.clone()
 
     def _array(self) -> np.ndarray:
         if self._latents is None:
