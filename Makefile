@@ -55,11 +55,13 @@ format: install
 demo: install
 	$(PY) -m dmvae_lightning.demo --runs $(RUNS)
 
-# The reference-distribution study (paper Tables 1 and 2 at CPU scale); ARMS=a,b SEEDS=0,1,2 narrow it.
+# The reference-distribution study (paper Tables 1 and 2 at CPU scale); ARMS=a,b SEEDS=0,1,2 narrow it,
+# JOBS=N runs N worker processes at once (cores / N threads each; see docs/reference-study.md).
 ARMS ?=
 SEEDS ?= 0,1,2
+JOBS ?= 1
 study: install
-	$(PY) -m dmvae_lightning.study --runs $(RUNS)/study --seeds $(SEEDS) $(if $(ARMS),--arms $(ARMS))
+	$(PY) -m dmvae_lightning.study --runs $(RUNS)/study --seeds $(SEEDS) --jobs $(JOBS) $(if $(ARMS),--arms $(ARMS))
 
 clean:
 	rm -rf $(VENV) $(RUNS) .pytest_cache site

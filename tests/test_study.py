@@ -82,12 +82,18 @@ def test_linear_probe_separates_separable_classes_and_not_noise():
 
 
 def test_quick_study_end_to_end_and_resume(tmp_path, fashion_mnist_root):
+    """The first run is parallel (two worker processes); the resume below is sequential."""
     arms = ["kl_vae", "gaussian", "ablation"]
     runs = tmp_path / "study"
     report = study.main(
-        ["--quick", "--runs", str(runs), "--root", str(ROOT), "--seeds", "0,1"]
+        ["--quick", "--runs", str(runs), "--root", str(ROOT), "--seeds", "0,1", "--jobs", "2"]
         + ["--arms", ",".join(arms)]
     )
+    assert report["jobs"] == 2
+    # every unit ran in its own worker, which logged its stages
+    logs = {p.name for p in (runs / "logs").glob("*.log")}
+    assert {"arm_kl_vae.log", "seed_gaussian_1.log", "shared_tokenizer_supervised.log"} <= logs
+    assert "fit tokenizer.yaml" in (runs / "logs" / "arm_kl_vae.log").read_text()
     rows = {r["key"]: r for r in report["arms"]}
     assert list(rows) == arms  # table order
     for key, row in rows.items():
@@ -116,6 +122,8 @@ def test_quick_study_end_to_end_and_resume(tmp_path, fashion_mnist_root):
         "reference_supervised.ckpt",
         "tokenizer_supervised.ckpt",
     ]
+    for name in shared:  # ... by one process: one TensorBoard run each (a second: version_1)
+        assert [v.name for v in (runs / "tb" / "shared" / name[:-5]).iterdir()] == ["version_0"]
     md = (runs / "study.md").read_text()
     assert "### Table 1" in md and md.count("| DMVAE") == 1 and " ± " in md
     kl_line = next(line for line in md.splitlines() if "(`kl_vae`)" in line)

@@ -24,7 +24,10 @@ stage, ``real_model`` = the reference's score model, encoder weights, log and ch
 Shared stages (the classifier, the FID net, the self-supervised encoder, the stage-1 tokenizers and
 the reference score models of :data:`REFERENCES`) are trained once and reused by every arm that
 needs them. Stages whose checkpoint exists are skipped and finished arms (and generator seeds) are
-read back from their JSON files, so a killed study resumes where it stopped.
+read back from their JSON files, so a killed study resumes where it stopped. ``--jobs N`` runs
+the shared stages, the arms' tokenizers and the generator seeds as up to N worker processes at
+once, each after what it needs (:mod:`~dmvae_lightning.study.parallel`; stages are built under
+lock files, so each is built once).
 
 Per arm, on held-out Fashion-MNIST test images: PSNR and rFID of the final tokenizer; the distance
 (RBF MMD^2, sliced W2^2) between its latents and its reference's samples in the reference model's
@@ -36,7 +39,8 @@ class-balanced samples, and its flow-matching loss on the test latents (fixed t 
 The package: :mod:`~dmvae_lightning.study.arms` (arm files, shared stages, references, budgets),
 :mod:`~dmvae_lightning.study.driver` (:class:`Study`: stages and evaluation),
 :mod:`~dmvae_lightning.study.evaluation` (tensor-level helpers, shared with ``make demo``),
-:mod:`~dmvae_lightning.study.report` (tables and figures), :mod:`~dmvae_lightning.study.cli`.
+:mod:`~dmvae_lightning.study.report` (tables and figures), :mod:`~dmvae_lightning.study.parallel`
+(worker processes for ``--jobs``), :mod:`~dmvae_lightning.study.cli`.
 
 Outputs under ``--runs`` (default ``runs/study``): ``study.md``, ``study.json``, ``figures/``
 (gFID per arm with error bars, PSNR vs gFID, latent PCA per arm), TensorBoard runs under ``tb/``

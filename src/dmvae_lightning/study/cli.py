@@ -35,7 +35,27 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--runs", default="runs/study", help="output folder")
     parser.add_argument("--root", default=".", help="repository root (holds configs/)")
     parser.add_argument("--list", action="store_true", help="list the arms and exit")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="worker processes run at once (shared stages, arm tokenizers and generator seeds "
+        "in parallel, each after what it needs; logs in <runs>/logs); 1: all in this process",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads per process (0: torch's default; with --jobs N: cores / N)",
+    )
+    parser.add_argument("--unit", default=None, help=argparse.SUPPRESS)  # a --jobs worker
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     names = args.arms.split(",") if args.arms else None
     arms = load_arms(Path(args.root) / ARMS_DIR, names=names)
     if names:  # run in the order given (the report keeps the table order)
@@ -51,7 +71,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         quick=args.quick,
         generator_steps=args.generator_steps or None,
     )
-    report = study.run(arms)
+    if args.unit:  # one unit of a parallel study (dmvae_lightning.study.parallel)
+        from dmvae_lightning.study.parallel import run_unit
+
+        run_unit(study, args.unit)
+        return {}
+    report = study.run(arms, jobs=args.jobs, threads=args.threads or None)
     print("\n" + study_markdown(report))
     print(
         f"[study] {study.runs / 'study.md'}, {study.runs / 'figures'}, tensorboard --logdir {study.runs / 'tb'}"

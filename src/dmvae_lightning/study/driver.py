@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,42 @@ from dmvae_lightning.study.report import (
 )
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity where the OS tells, else all)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1  # pragma: no cover - macOS / Windows
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Write ``value`` as JSON to ``path`` whole or not at all (a temporary file renamed):
+    another study process never reads half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(value, indent=2))
+    os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def stage_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``<path>.lock`` (``path`` with its suffix replaced) for the
+    block: study processes sharing a runs folder (``--jobs``) build each stage once, the
+    others wait for it. An ``flock``, so a killed process releases it; the file stays. Where
+    ``fcntl`` is missing (Windows) this locks nothing, and ``--jobs`` refuses to run."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    lock = path.with_suffix(".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 class Study:
     """Runs stages and evaluations for a set of arms (see the module docstring).
 
@@ -86,6 +123,8 @@ class Study:
         self.timings: dict[str, float] = {}
         #: seconds of every stage met, read back from ``<ckpt>.seconds`` for skipped ones
         self.stage_seconds: dict[str, float] = {}
+        #: wall seconds of each worker unit of the last parallel run (``--jobs``)
+        self.unit_seconds: dict[str, float] = {}
         self._cache: dict[str, Any] = {}
         self._arms: dict[str, Arm] | None = None
 
@@ -117,11 +156,31 @@ class Study:
         """``dmvae fit`` on ``configs/fashion_mnist/<config>`` + ``overlay`` writing ``ckpt``,
         unless it exists; the seconds spent go to ``timings[tb_name]`` and to ``<ckpt>.seconds``
         (read back when the stage is skipped, so a resumed arm still reports every stage's
-        time). Returns them (0 when skipped)."""
-        seconds_file = ckpt.with_suffix(".seconds")
+        time). Returns them (0 when skipped).
+
+        Safe across processes (``--jobs``): the stage is trained under its lock file
+        (:func:`stage_lock`), so a second study process asking for it waits and then reads it;
+        the stages its overlay names are resolved (trained if missing) before, not under, it."""
+        with stage_lock(ckpt):
+            if self._done(ckpt, tb_name):
+                return 0.0
+        resolved = self._resolve(overlay)  # may train the stages it names: not under the lock
+        with stage_lock(ckpt):
+            if self._done(ckpt, tb_name):  # trained by another study process meanwhile
+                return 0.0
+            return self._train(config, resolved, ckpt, tb_name, seed)
+
+    def _done(self, ckpt: Path, name: str) -> bool:
+        """Whether stage checkpoint ``ckpt`` exists (then its seconds are read back)."""
         if ckpt.is_file():
-            self._read_seconds(ckpt, tb_name)
-            return 0.0
+            self._read_seconds(ckpt, name)
+            return True
+        return False
+
+    def _train(
+        self, config: str, overlay: dict[str, Any], ckpt: Path, tb_name: str, seed: int | None
+    ) -> float:
+        """:meth:`_fit`'s training (``overlay`` resolved, ``ckpt`` missing, its lock held)."""
         from dmvae_lightning.cli import main as cli_main
 
         paths = {
@@ -152,7 +211,7 @@ class Study:
             paths["trainer"].update(
                 limit_train_batches=batches, limit_val_batches=1, max_epochs=1, max_steps=-1
             )
-        full = merge(self._resolve(overlay), paths)
+        full = merge(overlay, paths)
         ckpt.parent.mkdir(parents=True, exist_ok=True)
         overlay_file = ckpt.with_suffix(".overlay.yaml")
         overlay_file.write_text(yaml.safe_dump(full, sort_keys=False))
@@ -163,7 +222,7 @@ class Study:
         if not ckpt.is_file():
             raise RuntimeError(f"dmvae fit {config} finished without writing {ckpt}")
         self.timings[tb_name] = self.stage_seconds[tb_name] = time.perf_counter() - start
-        seconds_file.write_text(f"{self.timings[tb_name]:.1f}\n")
+        ckpt.with_suffix(".seconds").write_text(f"{self.timings[tb_name]:.1f}\n")
         return self.timings[tb_name]
 
     def _read_seconds(self, ckpt: Path, name: str) -> None:
@@ -373,15 +432,27 @@ class Study:
 
     def _encode(self, ckpt: Path, out: Path, split: str, name: str) -> Path:
         """Latent cache ``out`` of Fashion-MNIST ``split`` encoded with tokenizer ``ckpt``,
-        unless ``out`` already caches that tokenizer (``--quick``: a slice of the split)."""
-        from dmvae_lightning.data.images import FashionMNIST
-        from dmvae_lightning.latents import LatentCache, encode_dataset
+        unless ``out`` already caches that tokenizer (``--quick``: a slice of the split).
+        Encoded under ``out``'s lock (:func:`stage_lock`); its seconds go to ``<out>.seconds``
+        (read back when the cache is reused)."""
+        from dmvae_lightning.latents import LatentCache
 
-        try:
-            LatentCache(out).check_tokenizer(ckpt)
-            return out
-        except (FileNotFoundError, ValueError):
-            pass
+        with stage_lock(out):
+            try:
+                LatentCache(out).check_tokenizer(ckpt)
+            except (FileNotFoundError, ValueError):
+                seconds = self._encode_split(ckpt, out, split)
+                self.timings[name] = self.stage_seconds[name] = seconds
+                out.with_suffix(".seconds").write_text(f"{seconds:.1f}\n")
+            else:
+                self._read_seconds(out, name)
+        return out
+
+    def _encode_split(self, ckpt: Path, out: Path, split: str) -> float:
+        """Encode ``split`` with tokenizer ``ckpt`` into cache ``out``; returns the seconds."""
+        from dmvae_lightning.data.images import FashionMNIST
+        from dmvae_lightning.latents import encode_dataset
+
         data = FashionMNIST(split=split, channels=1, pad_to=32)
         if self.quick:  # enough batches for the quick stages
             data = torch.utils.data.Subset(
@@ -398,8 +469,7 @@ class Study:
             tokenizer_ckpt=ckpt,
             dataset_name=f"fashion_mnist:{split}",
         )
-        self.timings[name] = self.stage_seconds[name] = time.perf_counter() - start
-        return out
+        return time.perf_counter() - start
 
     def generator(self, arm: Arm, tokenizer: Path, cache: Path, seed: int) -> Path:
         overlay = merge(
@@ -471,20 +541,23 @@ class Study:
         return out
 
     # ---------------------------------------------------------------- arms
-    def run_arm(self, arm: Arm) -> dict[str, Any]:
-        """Train and evaluate ``arm`` (finished parts are read back); returns its result."""
-        arm_dir = self.runs / "arms" / arm.key
-        result_file = arm_dir / "result.json"
+    def finished(self, arm: Arm) -> dict[str, Any] | None:
+        """``arm``'s saved result when it is complete for this study's seeds and generator
+        steps, else None."""
+        result_file = self.runs / "arms" / arm.key / "result.json"
         if result_file.is_file():
             result = json.loads(result_file.read_text())
             if (
                 result.get("seeds") == list(self.seeds)
                 and result.get("generator_steps") == self.generator_steps
             ):
-                self.log(f"[study] {arm.key}: done, read {result_file.relative_to(self.runs)}")
                 return result
-        start = time.perf_counter()
-        self.log(f"[study] arm {arm.key}: {arm.title}")
+        return None
+
+    def prepare_arm(self, arm: Arm) -> tuple[Path, dict[str, Any], Path]:
+        """``arm``'s tokenizer stages, their evaluation (``tokenizer.json``) and latent cache,
+        each read back when done. Returns (tokenizer checkpoint, its evaluation, cache)."""
+        arm_dir = self.runs / "arms" / arm.key
         arm_dir.mkdir(parents=True, exist_ok=True)
         tok_ckpt = self.tokenizer(arm)
         tok_file = arm_dir / "tokenizer.json"
@@ -494,24 +567,36 @@ class Study:
             tok_result = json.loads(tok_file.read_text())
         else:
             tok_result = self.evaluate_tokenizer(arm, tok_ckpt)
-            tok_file.write_text(json.dumps(tok_result, indent=2))
-        cache = self.latent_cache(arm, tok_ckpt)
-        per_seed = []
-        for seed in self.seeds:
-            seed_file = arm_dir / f"generator_seed{seed}.json"
-            if seed_file.is_file():
-                per_seed.append(json.loads(seed_file.read_text()))
-                self._read_seconds(
-                    arm_dir / f"generator_seed{seed}.ckpt", f"{arm.key}/generator_seed{seed}"
-                )
-                continue
-            ckpt = self.generator(arm, tok_ckpt, cache, seed)
-            start_eval = time.perf_counter()
-            res = {"seed": seed, **self.evaluate_generator(ckpt, seed, cache / "val")}
-            res["eval_seconds"] = time.perf_counter() - start_eval
-            seed_file.write_text(json.dumps(res, indent=2))
-            per_seed.append(res)
-            self.log(f"[study] {arm.key} seed {seed}: " + short_metrics(res))
+            write_json(tok_file, tok_result)
+        return tok_ckpt, tok_result, self.latent_cache(arm, tok_ckpt)
+
+    def run_seed(self, arm: Arm, tokenizer: Path, cache: Path, seed: int) -> dict[str, Any]:
+        """Generator ``seed`` of ``arm`` on its latent ``cache``, trained and evaluated
+        (``generator_seed<seed>.json``; read back when done)."""
+        arm_dir = self.runs / "arms" / arm.key
+        seed_file = arm_dir / f"generator_seed{seed}.json"
+        if seed_file.is_file():
+            self._read_seconds(
+                arm_dir / f"generator_seed{seed}.ckpt", f"{arm.key}/generator_seed{seed}"
+            )
+            return json.loads(seed_file.read_text())
+        ckpt = self.generator(arm, tokenizer, cache, seed)
+        start_eval = time.perf_counter()
+        res = {"seed": seed, **self.evaluate_generator(ckpt, seed, cache / "val")}
+        res["eval_seconds"] = time.perf_counter() - start_eval
+        write_json(seed_file, res)
+        self.log(f"[study] {arm.key} seed {seed}: " + short_metrics(res))
+        return res
+
+    def run_arm(self, arm: Arm) -> dict[str, Any]:
+        """Train and evaluate ``arm`` (finished parts are read back); returns its result."""
+        if (result := self.finished(arm)) is not None:
+            self.log(f"[study] {arm.key}: done, read arms/{arm.key}/result.json")
+            return result
+        start = time.perf_counter()
+        self.log(f"[study] arm {arm.key}: {arm.title}")
+        tok_ckpt, tok_result, cache = self.prepare_arm(arm)
+        per_seed = [self.run_seed(arm, tok_ckpt, cache, seed) for seed in self.seeds]
         result = {
             "key": arm.key,
             "title": arm.title,
@@ -530,7 +615,7 @@ class Study:
         result["stage_seconds"] = sum(result["timings"].values()) + sum(
             r.get("eval_seconds", 0.0) for r in per_seed
         )
-        result_file.write_text(json.dumps(result, indent=2))
+        write_json(self.runs / "arms" / arm.key / "result.json", result)
         return result
 
     def latents_for_figure(
@@ -540,16 +625,21 @@ class Study:
         x, y = self.eval_set()
         return in_chunks(tok.encode, x[:n]), y[:n]
 
-    def run(self, arms: Sequence[Arm]) -> dict[str, Any]:
+    def run(self, arms: Sequence[Arm], jobs: int = 1, threads: int | None = None) -> dict[str, Any]:
         """Every arm in the order given, then the report (rows in table order). Returns the
-        study's JSON."""
+        study's JSON. ``jobs`` > 1 first runs the work as up to ``jobs`` worker processes of
+        ``threads`` torch threads each (default: the usable cores / ``jobs``, at least 1;
+        :mod:`dmvae_lightning.study.parallel`); this process then reads their results back."""
         start = time.perf_counter()
+        if jobs > 1:
+            self.run_parallel(arms, jobs, threads)
         done = [(arm, self.run_arm(arm)) for arm in arms]  # in the order given
         rows = [row for arm, row in sorted(done, key=lambda d: (d[0].table, d[0].order))]
         report = {
             "seeds": list(self.seeds),
             "generator_steps": self.generator_steps,
             "quick": self.quick,
+            "jobs": jobs,
             "sizes": self.sizes,
             "arms": rows,
             "references": {
@@ -568,6 +658,32 @@ class Study:
         except ImportError as err:  # matplotlib is an optional dependency
             self.log(f"[study] no figures: {err}")
         return report
+
+    def run_parallel(self, arms: Sequence[Arm], jobs: int, threads: int | None = None) -> None:
+        """The units of ``arms`` left to do (:func:`~dmvae_lightning.study.parallel.plan`) as
+        up to ``jobs`` worker processes (logs in ``<runs>/logs``)."""
+        from dmvae_lightning.study import parallel
+
+        try:
+            import fcntl  # noqa: F401 - the stage locks need it
+        except ImportError as err:  # pragma: no cover - not POSIX
+            raise RuntimeError("--jobs > 1 needs POSIX file locks (fcntl); use --jobs 1") from err
+        if threads is None:
+            threads = max(1, usable_cores() // jobs)
+        units = parallel.plan(self, arms)
+        self.log(f"[study] {len(units)} units, {jobs} at a time, {threads} thread(s) each")
+        argv = ["--runs", str(self.runs), "--root", str(self.root)]
+        argv += ["--seeds", ",".join(map(str, self.seeds))]
+        argv += ["--generator_steps", str(self.generator_steps or 0)]
+        argv += ["--quick"] if self.quick else []
+        self.unit_seconds = parallel.run_units(
+            units,
+            parallel.worker_command(argv, threads),
+            jobs,
+            self.runs / "logs",
+            env=parallel.worker_env(threads),
+            log=self.log,
+        )
 
     def shared_seconds(self) -> dict[str, float]:
         """Seconds of every shared stage of this run folder: those met by this object and

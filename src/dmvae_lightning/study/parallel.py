@@ -1,0 +1,237 @@
+"""Running a study as parallel worker processes (``dmvae study --jobs N``).
+
+The work of a study splits into *units*, each run by ``python -m dmvae_lightning.study --unit
+NAME`` in a fresh process with ``--threads T`` torch threads:
+
+* ``shared:<stage>``: a shared stage (classifier, FID net, stage-1 tokenizer, reference model);
+* ``arm:<arm>``: an arm's tokenizer stages, their evaluation and its latent cache;
+* ``seed:<arm>:<seed>``: one generator of an arm, trained and evaluated.
+
+A unit starts when the units it needs have finished (:func:`plan` names them); at most ``jobs``
+run at once. The dependencies only order the work: every stage is also built under a lock file
+(:func:`~dmvae_lightning.study.driver.stage_lock`), so a stage the plan missed is still built
+once, by whichever unit asks first. Each unit writes its results into the runs folder as the
+sequential study does; the calling process then reads them back and writes the report, so a
+parallel study and a sequential one leave the same files. A unit's output goes to
+``<runs>/logs/<unit>.log``; a failed unit stops new starts, lets the running ones finish and
+raises with the path of its log.
+
+Why processes, and why one thread each by default: the study's models are small (a 1.3 M
+parameter DiT on 4 tokens, 32x32 convolutions), so a step cannot keep two cores busy; two
+single-thread processes do more work per second than one process with two threads (measured
+by ``benchmarks/bench_study_jobs.py``).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dmvae_lightning.study.arms import ENCODER_OF, REFERENCES, SHARED, Arm, load_overlay
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One piece of a study for a worker process: ``name`` and the units it waits for."""
+
+    name: str
+    needs: tuple[str, ...] = ()
+
+
+def named_stages(value: Any) -> set[str]:
+    """Shared stages named by ``@<stage>`` / ``@latents/<stage>`` strings anywhere in
+    ``value`` (an overlay); ``@runs/...`` paths name none."""
+    if isinstance(value, str) and value.startswith("@") and not value.startswith("@runs"):
+        return {value[len("@latents/") :] if value.startswith("@latents/") else value[1:]}
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list):
+        return set().union(*(named_stages(v) for v in value)) if value else set()
+    return set()
+
+
+def stage_needs(name: str) -> set[str]:
+    """The shared stages shared stage ``name`` is built from (direct ones)."""
+    return named_stages(SHARED[name].overlay)
+
+
+def arm_needs(arm: Arm, configs: Path) -> set[str]:
+    """The shared stages ``arm``'s tokenizer stages and evaluation use (direct ones)."""
+    needs = {"fid_net"}  # rFID of the tokenizer, gFID of the generators
+    if arm.reference:
+        ref = REFERENCES[arm.reference]
+        needs |= {ref.tokenizer, ref.model}
+        if ref.tokenizer in ENCODER_OF:
+            needs.add(ENCODER_OF[ref.tokenizer])
+        needs |= named_stages(ref.source)
+    for stage in arm.tokenizer:
+        needs |= named_stages(load_overlay(stage.get("overlay"), configs))
+    return needs | named_stages(load_overlay(arm.generator, configs))
+
+
+def plan(study: Any, arms: Sequence[Arm]) -> list[Unit]:
+    """The units left to run for ``arms`` of ``study`` (a :class:`Study`), in a good start
+    order: shared stages first, then the arms' tokenizers, then their generators. Finished
+    work (checkpoints, ``result.json`` / ``generator_seed<s>.json`` of these seeds) is left
+    out, and so are the needs on it."""
+    units: dict[str, Unit] = {}
+
+    def done_stage(name: str) -> bool:
+        return (study.runs / "shared" / f"{name}.ckpt").is_file()
+
+    def add_stage(name: str) -> str | None:
+        if name not in SHARED:
+            raise KeyError(f"unknown shared stage {name!r}; known: {sorted(SHARED)}")
+        key = f"shared:{name}"
+        if done_stage(name) or key in units:
+            return key if key in units else None
+        needs = [k for dep in sorted(stage_needs(name)) if (k := add_stage(dep))]
+        units[key] = Unit(key, tuple(needs))
+        return key
+
+    arm_units: list[Unit] = []
+    seed_units: list[Unit] = []
+    by_key = {arm.key: arm for arm in arms}
+    for arm in arms:
+        if study.finished(arm) is not None:
+            continue
+        needs = [k for dep in sorted(arm_needs(arm, study.configs)) if (k := add_stage(dep))]
+        ablation = by_key.get(arm.ablation) if arm.ablation else None
+        if ablation is not None and study.finished(ablation) is None:
+            needs.append(f"arm:{ablation.key}")  # its tokenizer is part of this arm's evaluation
+        key = f"arm:{arm.key}"
+        arm_units.append(Unit(key, tuple(needs)))
+        for seed in study.seeds:
+            if not (study.runs / "arms" / arm.key / f"generator_seed{seed}.json").is_file():
+                seed_units.append(Unit(f"seed:{arm.key}:{seed}", (key, "shared:fid_net")))
+    known = set(units) | {u.name for u in arm_units}
+    seed_units = [Unit(u.name, tuple(n for n in u.needs if n in known)) for u in seed_units]
+    # an ablation outside ``arms`` is built inside the arm unit that needs it (under its lock)
+    arm_units = [Unit(u.name, tuple(n for n in u.needs if n in known)) for u in arm_units]
+    ordered: dict[str, Unit] = {}
+    pending = {u.name: u for u in arm_units}
+
+    def put(unit: Unit) -> None:  # an arm after the arms it needs (its ablation)
+        for need in unit.needs:
+            if need in pending and need not in ordered:
+                put(pending[need])
+        ordered.setdefault(unit.name, unit)
+
+    for unit in arm_units:
+        put(unit)
+    return list(units.values()) + list(ordered.values()) + seed_units
+
+
+def log_name(unit: str) -> str:
+    """File name of ``unit``'s log (``seed:cfg3:1`` -> ``seed_cfg3_1.log``)."""
+    return unit.replace(":", "_") + ".log"
+
+
+def run_units(
+    units: Iterable[Unit],
+    command: Callable[[str], list[str]],
+    jobs: int,
+    logs: Path,
+    env: dict[str, str] | None = None,
+    log: Callable[[str], None] = print,
+    poll: float = 0.2,
+) -> dict[str, float]:
+    """Run ``units`` as processes ``command(unit.name)``, at most ``jobs`` at once, each after
+    the units it needs; stdout and stderr go to ``logs/<unit>.log``. Returns each unit's wall
+    seconds. Raises RuntimeError naming the first unit that failed and its log (after letting
+    the running ones finish; none is started after a failure) or the units that can never
+    start (a need that is neither a unit nor done). Ctrl-C stops the running units."""
+    if jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {jobs}")
+    pending = list(units)
+    names = {u.name for u in pending}
+    for unit in pending:
+        missing = [n for n in unit.needs if n not in names]
+        if missing:
+            raise ValueError(f"unit {unit.name} needs {missing}, which are not units")
+    logs.mkdir(parents=True, exist_ok=True)
+    running: dict[str, tuple[subprocess.Popen, Any, float]] = {}
+    finished: set[str] = set()
+    seconds: dict[str, float] = {}
+    failed: tuple[str, int] | None = None
+    try:
+        while pending or running:
+            while failed is None and len(running) < jobs:
+                unit = next((u for u in pending if finished.issuperset(u.needs)), None)
+                if unit is None:
+                    break
+                pending.remove(unit)
+                handle = open(logs / log_name(unit.name), "w")  # noqa: SIM115 - closed below
+                proc = subprocess.Popen(
+                    command(unit.name), stdout=handle, stderr=subprocess.STDOUT, env=env
+                )
+                running[unit.name] = (proc, handle, time.perf_counter())
+                log(f"[study] start {unit.name} ({len(running)} running, {len(pending)} waiting)")
+            if not running:
+                break  # nothing can start: a failure, or needs that never finish
+            time.sleep(poll)
+            for name, (proc, handle, start) in list(running.items()):
+                code = proc.poll()
+                if code is None:
+                    continue
+                handle.close()
+                del running[name]
+                seconds[name] = time.perf_counter() - start
+                if code == 0:
+                    finished.add(name)
+                    log(f"[study] done {name} in {seconds[name]:.0f} s")
+                else:
+                    log(f"[study] FAILED {name} (exit {code}): {logs / log_name(name)}")
+                    failed = failed or (name, code)
+    except BaseException:  # Ctrl-C or an error here: do not leave workers behind
+        for proc, handle, _ in running.values():
+            proc.terminate()
+            proc.wait()
+            handle.close()
+        raise
+    if failed is not None:
+        name, code = failed
+        raise RuntimeError(
+            f"study unit {name} failed (exit {code}); its output: {logs / log_name(name)} "
+            "(rerun the study to resume: finished stages are kept)"
+        )
+    if pending:
+        raise RuntimeError(f"study units never started: {[u.name for u in pending]}")
+    return seconds
+
+
+def run_unit(study: Any, name: str) -> None:
+    """Run unit ``name`` (see the module docstring) of ``study`` in this process."""
+    kind, _, rest = name.partition(":")
+    if kind == "shared":
+        study.shared(rest)
+    elif kind == "arm":
+        study.prepare_arm(study.arm(rest))
+    elif kind == "seed":
+        key, _, seed = rest.rpartition(":")
+        arm = study.arm(key)
+        tokenizer, _, cache = study.prepare_arm(arm)  # read back: the arm unit ran first
+        study.run_seed(arm, tokenizer, cache, int(seed))
+    else:
+        raise ValueError(f"unknown study unit {name!r} (shared:<stage>, arm:<arm>, seed:<arm>:<n>)")
+
+
+def worker_command(argv: Sequence[str], threads: int) -> Callable[[str], list[str]]:
+    """``command(unit)`` for :func:`run_units`: this Python running the study CLI with the
+    caller's options ``argv`` and ``--threads threads --unit <unit>``."""
+    base = [sys.executable, "-m", "dmvae_lightning.study", *argv, "--threads", str(threads)]
+    return lambda unit: [*base, "--unit", unit]
+
+
+def worker_env(threads: int) -> dict[str, str]:
+    """The environment of the workers: this one with the OpenMP / MKL thread counts set."""
+    env = dict(os.environ)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[var] = str(threads)
+    return env

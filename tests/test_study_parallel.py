@@ -1,0 +1,156 @@
+"""The parallel study (``dmvae study --jobs N``): its plan of units, the scheduler and the stage
+locks. The end-to-end parallel run is in test_study.py (its first run uses ``--jobs 2``)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from dmvae_lightning import study
+from dmvae_lightning.study.parallel import Unit, named_stages, plan, run_units
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_study(tmp_path: Path, seeds=(0, 1)) -> study.Study:
+    return study.Study(tmp_path / "runs", root=ROOT, seeds=seeds, quick=True, log=lambda _: None)
+
+
+def test_named_stages_reads_shared_stage_references_from_an_overlay():
+    overlay = {
+        "model": {"init_args": {"encoder": {"weights_path": "@classifier"}, "x": ["@ssl", 3]}},
+        "data": {"init_args": {"reference": {"path": "@latents/tokenizer_supervised"}}},
+        "cache": "@runs/shared/text",
+    }
+    assert named_stages(overlay) == {"classifier", "ssl", "tokenizer_supervised"}
+    assert named_stages({"a": "no@stage", "b": []}) == set()
+
+
+def test_plan_orders_shared_stages_arms_and_seeds_and_leaves_out_finished_work(tmp_path):
+    st = make_study(tmp_path)
+    arms = [st.arm(k) for k in ("cfg3", "ablation", "diffusion_noise", "kl_vae")]
+    units = {u.name: set(u.needs) for u in plan(st, arms)}
+    order = list(units)
+    assert units["shared:classifier"] == set()
+    assert units["shared:tokenizer_supervised"] == {"shared:classifier"}
+    assert units["shared:reference_supervised"] == {"shared:tokenizer_supervised"}
+    # the diffusion-noise reference reads the stage-1 latents (@latents/tokenizer_supervised)
+    assert units["shared:reference_diffusion_noise"] == {"shared:tokenizer_supervised"}
+    # cfg3's evaluation encodes with its ablation's tokenizer
+    assert units["arm:cfg3"] == {
+        "shared:classifier",
+        "shared:fid_net",
+        "shared:tokenizer_supervised",
+        "shared:reference_supervised",
+        "arm:ablation",
+    }
+    assert units["arm:kl_vae"] == {"shared:fid_net"}
+    assert units["seed:cfg3:1"] == {"arm:cfg3", "shared:fid_net"}
+    assert "shared:ssl" not in units and "shared:reference_gaussian" not in units
+    for name, needs in units.items():  # every need comes first: the start order is usable
+        assert all(order.index(n) < order.index(name) for n in needs), name
+    assert [n for n in order if n.startswith("seed:")] == [
+        f"seed:{k}:{s}" for k in ("cfg3", "ablation", "diffusion_noise", "kl_vae") for s in (0, 1)
+    ]
+
+    # finished work drops out, and so do the needs on it
+    shared = st.runs / "shared"
+    shared.mkdir(parents=True)
+    (shared / "classifier.ckpt").write_bytes(b"")
+    (shared / "fid_net.ckpt").write_bytes(b"")
+    arm_dir = st.runs / "arms" / "kl_vae"
+    arm_dir.mkdir(parents=True)
+    (arm_dir / "generator_seed0.json").write_text("{}")
+    units = {u.name: set(u.needs) for u in plan(st, arms)}
+    assert "shared:classifier" not in units and "shared:fid_net" not in units
+    assert units["shared:tokenizer_supervised"] == set()
+    assert units["arm:kl_vae"] == set() and units["seed:kl_vae:1"] == {"arm:kl_vae"}
+    assert "seed:kl_vae:0" not in units
+    # an arm whose result holds these seeds is not planned at all
+    (arm_dir / "result.json").write_text(json.dumps({"seeds": [0, 1], "generator_steps": 600}))
+    assert not any("kl_vae" in u.name for u in plan(st, arms))
+
+
+def _sleeper(tmp_path: Path, fail: str | None = None):
+    """A worker command that records its start and end times in <unit>.json (and exits 3 for
+    unit ``fail``)."""
+    code = (
+        "import json, sys, time; t = time.time(); time.sleep(0.4); "
+        "name = sys.argv[1]; out = sys.argv[2]; "
+        "open(out + '/' + name.replace(':', '_') + '.json', 'w').write(json.dumps([t, time.time()])); "
+        "sys.exit(3 if name == sys.argv[3] else 0)"
+    )
+    return lambda unit: [sys.executable, "-c", code, unit, str(tmp_path), fail or ""]
+
+
+def test_run_units_keeps_to_jobs_and_needs(tmp_path):
+    units = [
+        Unit("shared:a"),
+        Unit("shared:b"),
+        Unit("arm:x", ("shared:a", "shared:b")),
+        Unit("arm:y", ("shared:a",)),
+        Unit("seed:x:0", ("arm:x",)),
+        Unit("seed:x:1", ("arm:x",)),
+    ]
+    lines: list[str] = []
+    seconds = run_units(units, _sleeper(tmp_path), 2, tmp_path / "logs", log=lines.append)
+    assert set(seconds) == {u.name for u in units} and min(seconds.values()) >= 0.4
+    times = {
+        u.name: json.loads((tmp_path / f"{u.name.replace(':', '_')}.json").read_text())
+        for u in units
+    }
+    for unit in units:
+        for need in unit.needs:
+            assert times[need][1] <= times[unit.name][0], (need, unit.name)
+    # never more than 2 at once, and 2 at once at some point (the shared stages)
+    events = sorted([(t[0], 1) for t in times.values()] + [(t[1], -1) for t in times.values()])
+    level, peak = 0, 0
+    for _, step in events:
+        level += step
+        peak = max(peak, level)
+    assert peak == 2
+    assert sum(line.startswith("[study] done") for line in lines) == len(units)
+    assert (tmp_path / "logs" / "seed_x_1.log").is_file()
+
+
+def test_run_units_stops_at_a_failure_and_names_its_log(tmp_path):
+    units = [Unit("shared:a"), Unit("arm:x", ("shared:a",)), Unit("seed:x:0", ("arm:x",))]
+    with pytest.raises(RuntimeError, match=r"arm:x failed \(exit 3\).*arm_x\.log"):
+        run_units(units, _sleeper(tmp_path, fail="arm:x"), 2, tmp_path / "logs", log=lambda _: 0)
+    assert not (tmp_path / "seed_x_0.json").exists()  # nothing started after the failure
+    with pytest.raises(ValueError, match="needs \\['shared:z'\\]"):
+        run_units([Unit("arm:x", ("shared:z",))], _sleeper(tmp_path), 1, tmp_path / "logs")
+    with pytest.raises(ValueError, match="--jobs must be >= 1"):
+        run_units([], _sleeper(tmp_path), 0, tmp_path / "logs")
+
+
+def test_a_stage_asked_for_by_two_processes_at_once_is_trained_once(tmp_path):
+    """Two study objects (as two ``--jobs`` workers) ask for the same shared stage at the same
+    time: one trains it under the lock, the other waits and reads it back."""
+    trained: list[str] = []
+
+    def fake_train(self, config, overlay, ckpt, tb_name, seed):
+        trained.append(tb_name)
+        time.sleep(0.5)  # the other one asks meanwhile
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        ckpt.write_bytes(b"weights")
+        ckpt.with_suffix(".seconds").write_text("12.5\n")
+        self.stage_seconds[tb_name] = 12.5
+        return 12.5
+
+    studies = [make_study(tmp_path), make_study(tmp_path)]
+    for st in studies:
+        st._train = fake_train.__get__(st)
+    threads = [threading.Thread(target=st.shared, args=("fid_net",)) for st in studies]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert trained == ["shared/fid_net"]
+    # the waiting one read the trainer's seconds back
+    assert [st.stage_seconds.get("shared/fid_net") for st in studies] == [12.5, 12.5]
