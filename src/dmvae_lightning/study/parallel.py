@@ -97,35 +97,19 @@ def plan(study: Any, arms: Sequence[Arm]) -> list[Unit]:
 
     arm_units: list[Unit] = []
     seed_units: list[Unit] = []
-    by_key = {arm.key: arm for arm in arms}
     for arm in arms:
         if study.finished(arm) is not None:
             continue
+        # no need on the ablation's unit, although the evaluation encodes with its tokenizer:
+        # both train at once, and the evaluation waits on the ablation's stage locks (or
+        # trains them) only if it gets there first
         needs = [k for dep in sorted(arm_needs(arm, study.configs)) if (k := add_stage(dep))]
-        ablation = by_key.get(arm.ablation) if arm.ablation else None
-        if ablation is not None and study.finished(ablation) is None:
-            needs.append(f"arm:{ablation.key}")  # its tokenizer is part of this arm's evaluation
         key = f"arm:{arm.key}"
         arm_units.append(Unit(key, tuple(needs)))
         for seed in study.seeds:
             if not (study.runs / "arms" / arm.key / f"generator_seed{seed}.json").is_file():
-                seed_units.append(Unit(f"seed:{arm.key}:{seed}", (key, "shared:fid_net")))
-    known = set(units) | {u.name for u in arm_units}
-    seed_units = [Unit(u.name, tuple(n for n in u.needs if n in known)) for u in seed_units]
-    # an ablation outside ``arms`` is built inside the arm unit that needs it (under its lock)
-    arm_units = [Unit(u.name, tuple(n for n in u.needs if n in known)) for u in arm_units]
-    ordered: dict[str, Unit] = {}
-    pending = {u.name: u for u in arm_units}
-
-    def put(unit: Unit) -> None:  # an arm after the arms it needs (its ablation)
-        for need in unit.needs:
-            if need in pending and need not in ordered:
-                put(pending[need])
-        ordered.setdefault(unit.name, unit)
-
-    for unit in arm_units:
-        put(unit)
-    return list(units.values()) + list(ordered.values()) + seed_units
+                seed_units.append(Unit(f"seed:{arm.key}:{seed}", (key,)))
+    return list(units.values()) + arm_units + seed_units
 
 
 def log_name(unit: str) -> str:
