@@ -56,10 +56,11 @@ demo: install
 	$(PY) -m dmvae_lightning.demo --runs $(RUNS)
 
 # The reference-distribution study (paper Tables 1 and 2 at CPU scale); ARMS=a,b SEEDS=0,1,2 narrow it,
-# JOBS=N runs N worker processes at once (cores / N threads each; see docs/reference-study.md).
+# JOBS=N runs N worker processes at once (cores / N threads each; 2 measured 1.3-1.5x faster than
+# 1 on 2 cores: docs/studies.md).
 ARMS ?=
 SEEDS ?= 0,1,2
-JOBS ?= 1
+JOBS ?= 2
 study: install
 	$(PY) -m dmvae_lightning.study --runs $(RUNS)/study --seeds $(SEEDS) --jobs $(JOBS) $(if $(ARMS),--arms $(ARMS))
 
