@@ -12,7 +12,8 @@ run at once. The dependencies only order the work: every stage is also built und
 (:func:`~dmvae_lightning.study.driver.stage_lock`), so a stage the plan missed is still built
 once, by whichever unit asks first. Each unit writes its results into the runs folder as the
 sequential study does; the calling process then reads them back and writes the report, so a
-parallel study and a sequential one leave the same files. A unit's output goes to
+parallel study and a sequential one leave the same result files (the parallel one adds the
+workers' logs). A unit's output goes to
 ``<runs>/logs/<unit>.log``; a failed unit stops new starts, lets the running ones finish and
 raises with the path of its log.
 
