@@ -123,8 +123,6 @@ class Study:
         self.timings: dict[str, float] = {}
         #: seconds of every stage met, read back from ``<ckpt>.seconds`` for skipped ones
         self.stage_seconds: dict[str, float] = {}
-        #: wall seconds of each worker unit of the last parallel run (``--jobs``)
-        self.unit_seconds: dict[str, float] = {}
         self._cache: dict[str, Any] = {}
         self._arms: dict[str, Arm] | None = None
 
@@ -221,13 +219,19 @@ class Study:
         cli_main(["fit", "--config", str(base), "--config", str(overlay_file)])
         if not ckpt.is_file():
             raise RuntimeError(f"dmvae fit {config} finished without writing {ckpt}")
-        self.timings[tb_name] = self.stage_seconds[tb_name] = time.perf_counter() - start
-        ckpt.with_suffix(".seconds").write_text(f"{self.timings[tb_name]:.1f}\n")
-        return self.timings[tb_name]
+        return self._write_seconds(ckpt, tb_name, time.perf_counter() - start)
+
+    def _write_seconds(self, path: Path, name: str, seconds: float) -> float:
+        """Record that stage ``name`` (output ``path``) took ``seconds``: in ``timings``, in
+        ``stage_seconds`` and in ``<path>.seconds`` (:meth:`_read_seconds` reads it back).
+        Returns ``seconds``."""
+        self.timings[name] = self.stage_seconds[name] = seconds
+        path.with_suffix(".seconds").write_text(f"{seconds:.1f}\n")
+        return seconds
 
     def _read_seconds(self, ckpt: Path, name: str) -> None:
         """Put the time stage ``name`` took when it was trained (``<ckpt>.seconds``, written by
-        :meth:`_fit`) in ``stage_seconds``; nothing when the file is missing."""
+        :meth:`_write_seconds`) in ``stage_seconds``; nothing when the file is missing."""
         seconds_file = ckpt.with_suffix(".seconds")
         if seconds_file.is_file():
             self.stage_seconds[name] = float(seconds_file.read_text())
@@ -441,9 +445,7 @@ class Study:
             try:
                 LatentCache(out).check_tokenizer(ckpt)
             except (FileNotFoundError, ValueError):
-                seconds = self._encode_split(ckpt, out, split)
-                self.timings[name] = self.stage_seconds[name] = seconds
-                out.with_suffix(".seconds").write_text(f"{seconds:.1f}\n")
+                self._write_seconds(out, name, self._encode_split(ckpt, out, split))
             else:
                 self._read_seconds(out, name)
         return out
@@ -659,9 +661,12 @@ class Study:
             self.log(f"[study] no figures: {err}")
         return report
 
-    def run_parallel(self, arms: Sequence[Arm], jobs: int, threads: int | None = None) -> None:
+    def run_parallel(
+        self, arms: Sequence[Arm], jobs: int, threads: int | None = None
+    ) -> dict[str, float]:
         """The units of ``arms`` left to do (:func:`~dmvae_lightning.study.parallel.plan`) as
-        up to ``jobs`` worker processes (logs in ``<runs>/logs``)."""
+        up to ``jobs`` worker processes (logs in ``<runs>/logs``). Returns each unit's wall
+        seconds."""
         from dmvae_lightning.study import parallel
 
         try:
@@ -676,7 +681,7 @@ class Study:
         argv += ["--seeds", ",".join(map(str, self.seeds))]
         argv += ["--generator_steps", str(self.generator_steps or 0)]
         argv += ["--quick"] if self.quick else []
-        self.unit_seconds = parallel.run_units(
+        return parallel.run_units(
             units,
             parallel.worker_command(argv, threads),
             jobs,
