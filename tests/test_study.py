@@ -151,6 +151,13 @@ def test_quick_study_end_to_end_and_resume(tmp_path, fashion_mnist_root):
     again = study.Study(runs, root=ROOT, seeds=[0, 1], quick=True)
     again.run(study.load_arms(ROOT / study.ARMS_DIR, names=arms))
     assert list(again.timings) == ["gaussian/generator_seed1"]
+    # the FID statistics of the test images were computed by the workers once per FID net and
+    # read back here: the same numbers as computing them again
+    assert len(list((runs / "shared" / "fid_stats").glob("*.npz"))) == 1
+    assert (again.stats_cache.hits, again.stats_cache.misses) == (1, 0)
+    fresh = again.fid_features().stats(again.eval_set()[0])
+    assert torch.equal(again.real_stats().mu, fresh.mu)
+    assert torch.equal(again.real_stats().sigma, fresh.sigma)
     # the stages read back still count in the arm's time (their .seconds files)
     resumed = json.loads((runs / "arms" / "gaussian" / "result.json").read_text())
     assert {"gaussian/0_align", "gaussian/1_finetune", "gaussian/generator_seed0"} <= set(

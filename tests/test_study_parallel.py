@@ -71,6 +71,20 @@ def test_plan_orders_shared_stages_arms_and_seeds_and_leaves_out_finished_work(t
     assert units["shared:tokenizer_supervised"] == set()
     assert units["arm:kl_vae"] == set() and units["seed:kl_vae:1"] == {"arm:kl_vae"}
     assert "seed:kl_vae:0" not in units
+    # a prepared arm (tokenizer evaluated, latents cached) has no arm unit: its seeds need only
+    # the shared stages not done yet
+    ablation_dir = st.runs / "arms" / "ablation"
+    (ablation_dir / "latents").mkdir(parents=True)
+    (ablation_dir / "tokenizer.json").write_text("{}")
+    (ablation_dir / "latents" / "train.seconds").write_text("1.0\n")
+    assert "arm:ablation" in {u.name for u in plan(st, arms)}  # the val cache is missing
+    (ablation_dir / "latents" / "val.seconds").write_text("1.0\n")
+    units = {u.name: set(u.needs) for u in plan(st, arms)}
+    assert "arm:ablation" not in units and "arm:cfg3" in units
+    assert units["seed:ablation:0"] == {
+        "shared:tokenizer_supervised",
+        "shared:reference_supervised",
+    }
     # an arm whose result holds these seeds is not planned at all
     (arm_dir / "result.json").write_text(json.dumps({"seeds": [0, 1], "generator_steps": 600}))
     assert not any("kl_vae" in u.name for u in plan(st, arms))

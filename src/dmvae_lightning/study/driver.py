@@ -134,6 +134,29 @@ class Study:
             raise ValueError(f"unknown arm {key!r}; known: {sorted(self._arms)}")
         return self._arms[key]
 
+    # ---------------------------------------------------------------- where things live
+    def shared_checkpoint(self, name: str) -> Path:
+        """Where shared stage ``name``'s checkpoint lives (``shared/<name>.ckpt``); trains
+        nothing (:meth:`shared` does)."""
+        return self.runs / "shared" / f"{name}.ckpt"
+
+    def arm_dir(self, arm: Arm) -> Path:
+        """``arms/<arm>``: the arm's stages, caches and results."""
+        return self.runs / "arms" / arm.key
+
+    def seed_file(self, arm: Arm, seed: int) -> Path:
+        """``arms/<arm>/generator_seed<seed>.json``: generator ``seed``'s evaluation."""
+        return self.arm_dir(arm) / f"generator_seed{seed}.json"
+
+    def arm_prepared(self, arm: Arm) -> bool:
+        """Whether :meth:`prepare_arm` has finished for ``arm`` in this runs folder (its
+        tokenizer evaluated and both latent caches encoded, as their files say; the caches are
+        checked against the tokenizer only when an arm reads them)."""
+        arm_dir = self.arm_dir(arm)
+        return (arm_dir / "tokenizer.json").is_file() and all(
+            (arm_dir / "latents" / f"{split}.seconds").is_file() for split in ("train", "val")
+        )
+
     # ---------------------------------------------------------------- running stages
     def _resolve(self, value: Any) -> Any:
         if isinstance(value, str) and value.startswith("@runs"):
@@ -240,7 +263,7 @@ class Study:
         """Checkpoint of shared stage ``name``, trained first when missing."""
         if name not in SHARED:
             raise KeyError(f"unknown shared stage {name!r}; known: {sorted(SHARED)}")
-        ckpt = self.runs / "shared" / f"{name}.ckpt"
+        ckpt = self.shared_checkpoint(name)
         stage = SHARED[name]
         self._fit(stage.config, stage.overlay, ckpt, f"shared/{name}", None)  # no-op when done
         return ckpt
@@ -260,7 +283,7 @@ class Study:
         """The arm's final tokenizer checkpoint (its stages trained in order)."""
         prev = self.shared(REFERENCES[arm.reference].tokenizer) if arm.reference else None
         encoder = ENCODER_OF.get(REFERENCES[arm.reference].tokenizer) if arm.reference else None
-        arm_dir = self.runs / "arms" / arm.key
+        arm_dir = self.arm_dir(arm)
         for i, stage in enumerate(arm.tokenizer):
             kind = stage_kind(stage["config"])
             model: dict[str, Any] = {}
@@ -310,9 +333,24 @@ class Study:
             self._cache["fid"] = DomainFeatures(self.shared("fid_net"), option="fid_net")
         return self._cache["fid"]
 
+    @property
+    def stats_cache(self):
+        """FID statistics on disk (``shared/fid_stats``), shared by the processes of a study
+        (a :class:`~dmvae_lightning.metrics.StatsCache`; its ``hits`` / ``misses`` count)."""
+        if "stats_cache" not in self._cache:
+            from dmvae_lightning.metrics import StatsCache
+
+            self._cache["stats_cache"] = StatsCache(self.runs / "shared" / "fid_stats")
+        return self._cache["stats_cache"]
+
     def real_stats(self):
+        """FID statistics of the evaluation images (:meth:`eval_set`) under the FID net, kept
+        in :attr:`stats_cache` (keyed by the images' content and the FID net's weights): each worker process of a parallel study
+        reads them instead of recomputing them."""
         if "real_stats" not in self._cache:
-            self._cache["real_stats"] = self.fid_features().stats(self.eval_set()[0])
+            self._cache["real_stats"] = self.stats_cache.stats(
+                self.eval_set()[0], self.fid_features(), batch_size=500
+            )
         return self._cache["real_stats"]
 
     def _checkpoint(self, ckpt: Path) -> dict[str, Any]:
@@ -429,7 +467,7 @@ class Study:
 
     def latent_cache(self, arm: Arm, ckpt: Path) -> Path:
         """``arms/<arm>/latents/{train,val}`` encoded once with the final tokenizer."""
-        root = self.runs / "arms" / arm.key / "latents"
+        root = self.arm_dir(arm) / "latents"
         self._encode(ckpt, root / "train", "train", f"{arm.key}/cache_train")
         self._encode(ckpt, root / "val", "test", f"{arm.key}/cache_val")
         return root
@@ -491,7 +529,7 @@ class Study:
         )
         if self.generator_steps is not None:
             overlay = merge(overlay, {"trainer": {"max_steps": self.generator_steps}})
-        ckpt = self.runs / "arms" / arm.key / f"generator_seed{seed}.ckpt"
+        ckpt = self.seed_file(arm, seed).with_suffix(".ckpt")
         self._fit("diffusion.yaml", overlay, ckpt, f"{arm.key}/generator_seed{seed}", seed)
         return ckpt
 
@@ -546,7 +584,7 @@ class Study:
     def finished(self, arm: Arm) -> dict[str, Any] | None:
         """``arm``'s saved result when it is complete for this study's seeds and generator
         steps, else None."""
-        result_file = self.runs / "arms" / arm.key / "result.json"
+        result_file = self.arm_dir(arm) / "result.json"
         if result_file.is_file():
             result = json.loads(result_file.read_text())
             if (
@@ -559,7 +597,7 @@ class Study:
     def prepare_arm(self, arm: Arm) -> tuple[Path, dict[str, Any], Path]:
         """``arm``'s tokenizer stages, their evaluation (``tokenizer.json``) and latent cache,
         each read back when done. Returns (tokenizer checkpoint, its evaluation, cache)."""
-        arm_dir = self.runs / "arms" / arm.key
+        arm_dir = self.arm_dir(arm)
         arm_dir.mkdir(parents=True, exist_ok=True)
         tok_ckpt = self.tokenizer(arm)
         tok_file = arm_dir / "tokenizer.json"
@@ -575,12 +613,9 @@ class Study:
     def run_seed(self, arm: Arm, tokenizer: Path, cache: Path, seed: int) -> dict[str, Any]:
         """Generator ``seed`` of ``arm`` on its latent ``cache``, trained and evaluated
         (``generator_seed<seed>.json``; read back when done)."""
-        arm_dir = self.runs / "arms" / arm.key
-        seed_file = arm_dir / f"generator_seed{seed}.json"
+        seed_file = self.seed_file(arm, seed)
         if seed_file.is_file():
-            self._read_seconds(
-                arm_dir / f"generator_seed{seed}.ckpt", f"{arm.key}/generator_seed{seed}"
-            )
+            self._read_seconds(seed_file.with_suffix(".ckpt"), f"{arm.key}/generator_seed{seed}")
             return json.loads(seed_file.read_text())
         ckpt = self.generator(arm, tokenizer, cache, seed)
         start_eval = time.perf_counter()
@@ -617,7 +652,7 @@ class Study:
         result["stage_seconds"] = sum(result["timings"].values()) + sum(
             r.get("eval_seconds", 0.0) for r in per_seed
         )
-        write_json(self.runs / "arms" / arm.key / "result.json", result)
+        write_json(self.arm_dir(arm) / "result.json", result)
         return result
 
     def latents_for_figure(

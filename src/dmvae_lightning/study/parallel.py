@@ -79,12 +79,12 @@ def arm_needs(arm: Arm, configs: Path) -> set[str]:
 def plan(study: Any, arms: Sequence[Arm]) -> list[Unit]:
     """The units left to run for ``arms`` of ``study`` (a :class:`Study`), in a good start
     order: shared stages first, then the arms' tokenizers, then their generators. Finished
-    work (checkpoints, ``result.json`` / ``generator_seed<s>.json`` of these seeds) is left
-    out, and so are the needs on it."""
+    work (checkpoints, prepared arms, ``result.json`` / ``generator_seed<s>.json`` of these
+    seeds) is left out, and so are the needs on it."""
     units: dict[str, Unit] = {}
 
     def done_stage(name: str) -> bool:
-        return (study.runs / "shared" / f"{name}.ckpt").is_file()
+        return study.shared_checkpoint(name).is_file()
 
     def add_stage(name: str) -> str | None:
         if name not in SHARED:
@@ -104,12 +104,15 @@ def plan(study: Any, arms: Sequence[Arm]) -> list[Unit]:
         # no need on the ablation's unit, although the evaluation encodes with its tokenizer:
         # both train at once, and the evaluation waits on the ablation's stage locks (or
         # trains them) only if it gets there first
-        needs = [k for dep in sorted(arm_needs(arm, study.configs)) if (k := add_stage(dep))]
-        key = f"arm:{arm.key}"
-        arm_units.append(Unit(key, tuple(needs)))
+        needs = tuple(k for dep in sorted(arm_needs(arm, study.configs)) if (k := add_stage(dep)))
+        if study.arm_prepared(arm):  # its seeds read the tokenizer and caches back
+            seed_needs = needs
+        else:
+            seed_needs = (f"arm:{arm.key}",)
+            arm_units.append(Unit(seed_needs[0], needs))
         for seed in study.seeds:
-            if not (study.runs / "arms" / arm.key / f"generator_seed{seed}.json").is_file():
-                seed_units.append(Unit(f"seed:{arm.key}:{seed}", (key,)))
+            if not study.seed_file(arm, seed).is_file():
+                seed_units.append(Unit(f"seed:{arm.key}:{seed}", seed_needs))
     return list(units.values()) + arm_units + seed_units
 
 

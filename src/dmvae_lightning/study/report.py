@@ -46,6 +46,36 @@ TABLE_HEADER = (
 )
 
 
+def _seconds(row: dict[str, Any]) -> str:
+    if "seconds_note" in row:  # seconds that are not comparable, said in words
+        return str(row["seconds_note"])
+    return f"{row.get('stage_seconds', row.get('seconds', math.nan)):.0f}"
+
+
+def arm_table(rows: list[dict[str, Any]], table: int) -> list[str]:
+    """The markdown lines (header, rule, one line per arm) of paper table ``table`` (1 or 2)
+    for the arm ``rows`` of a study's JSON (``study.json``'s ``arms``), in the rows' order."""
+    lines = [TABLE_HEADER, "|" + "---|" * 12]
+    for row in (r for r in rows if r["table"] == table):
+        t, s = row["tokenizer"], row["summary"]
+
+        def dist(key: str, t=t) -> str:
+            if key not in t:
+                return "n/a"
+            abl = f" ({t['ablation_' + key]:.4f})" if f"ablation_{key}" in t else ""
+            return f"{t[key]:.4f}{abl}"
+
+        lines.append(
+            f"| {row['title']} (`{row['key']}`) | {row['reference'] or '-'} "
+            f"| {_num(t, 'psnr', '.2f')} | {_num(t, 'rfid', '.2f')} | {_pm(s, 'gfid')} "
+            f"| {_per_seed(row, 'gfid')} "
+            f"| {_pm(s, 'is')} "
+            f"| {_pm(s, 'fm_loss', 3)} | {dist('mmd')} | {dist('swd')} "
+            f"| {_num(t, 'probe_acc', '.3f')} | {_seconds(row)} |"
+        )
+    return lines
+
+
 def study_markdown(report: dict[str, Any]) -> str:
     """The tables of ``study.md``: one per paper table, mean ± std over the generator seeds."""
     sizes = report["sizes"]
@@ -62,24 +92,7 @@ def study_markdown(report: dict[str, Any]) -> str:
         + (" QUICK RUN: numbers are meaningless." if report.get("quick") else ""),
     ]
     for table in sorted({r["table"] for r in report["arms"]}):
-        lines += ["", f"### Table {table}", "", TABLE_HEADER, "|" + "---|" * 12]
-        for row in (r for r in report["arms"] if r["table"] == table):
-            t, s = row["tokenizer"], row["summary"]
-
-            def dist(key: str, t=t) -> str:
-                if key not in t:
-                    return "n/a"
-                abl = f" ({t['ablation_' + key]:.4f})" if f"ablation_{key}" in t else ""
-                return f"{t[key]:.4f}{abl}"
-
-            lines.append(
-                f"| {row['title']} (`{row['key']}`) | {row['reference'] or '-'} "
-                f"| {_num(t, 'psnr', '.2f')} | {_num(t, 'rfid', '.2f')} | {_pm(s, 'gfid')} "
-                f"| {_per_seed(row, 'gfid')} "
-                f"| {_pm(s, 'is')} "
-                f"| {_pm(s, 'fm_loss', 3)} | {dist('mmd')} | {dist('swd')} "
-                f"| {_num(t, 'probe_acc', '.3f')} | {row.get('stage_seconds', row['seconds']):.0f} |"
-            )
+        lines += ["", f"### Table {table}", "", *arm_table(report["arms"], table)]
     refs = report.get("references") or {}
     if refs:
         lines += [

@@ -1,0 +1,155 @@
+"""Putting a study's numbers into the documentation: ``python -m dmvae_lightning.study.publish``.
+
+A runs folder is scratch: gigabytes of checkpoints, run over several sessions, easy to lose. The
+numbers the documentation quotes therefore live in the repository, in ``docs/study_results.json``:
+one row per arm in the format of ``study.json``'s ``arms`` (tokenizer metrics, every generator
+seed's gFID, mean ± std), without checkpoint paths. The two tables of
+``docs/reference-study.md`` (between ``<!-- study-table-1 -->`` / ``<!-- /study-table-1 -->``
+and the same for table 2) and the figures ``docs/study_gfid.png`` and
+``docs/study_psnr_vs_gfid.png`` are drawn from those rows, so they cannot drift apart (a test
+renders the tables from the JSON and compares them with the page).
+
+``--runs runs/study`` first merges the finished arms of a runs folder (their
+``arms/<arm>/result.json``; ``--arms`` picks some) into the rows, replacing rows of the same
+arm. Each row's title, table and order are taken from its arm file when it exists, so the
+tables follow ``configs/fashion_mnist/study``. The latent-PCA figure needs the checkpoints and
+is not redrawn here (``runs/study/figures/latent_pca.png`` is the study's own).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from dmvae_lightning.study.arms import ARMS_DIR, load_arms
+from dmvae_lightning.study.report import arm_table, gfid_figure, psnr_gfid_figure
+
+RESULTS = Path("docs/study_results.json")
+DOC = Path("docs/reference-study.md")
+FIGURES = {"gfid": Path("docs/study_gfid.png"), "psnr_vs_gfid": Path("docs/study_psnr_vs_gfid.png")}
+#: the parts of an arm's result.json that the docs keep (no paths, no per-stage timings)
+ROW_KEYS = (
+    "key",
+    "title",
+    "table",
+    "order",
+    "reference",
+    "seeds",
+    "generator_steps",
+    "tokenizer",
+    "generators",
+    "summary",
+    "stage_seconds",
+    "seconds_note",
+)
+
+
+def slim(result: dict[str, Any]) -> dict[str, Any]:
+    """The row the docs keep of an arm's ``result.json``: :data:`ROW_KEYS`, the tokenizer's
+    metrics without its checkpoint path."""
+    row = {k: result[k] for k in ROW_KEYS if k in result}
+    row["tokenizer"] = {k: v for k, v in result["tokenizer"].items() if k != "checkpoint"}
+    return row
+
+
+def merge(rows: list[dict[str, Any]], new: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``rows`` with each of ``new`` replacing the row of the same ``key`` (or added), sorted
+    by (table, order)."""
+    by_key = {r["key"]: r for r in rows}
+    for row in new:
+        by_key[row["key"]] = row
+    return sorted(by_key.values(), key=lambda r: (r["table"], r["order"]))
+
+
+def render(text: str, rows: list[dict[str, Any]]) -> str:
+    """``text`` (a markdown page) with the lines between ``<!-- study-table-N -->`` and
+    ``<!-- /study-table-N -->`` replaced by table N of ``rows``, for every N the rows have.
+    Raises ValueError naming a missing marker."""
+    for table in sorted({r["table"] for r in rows}):
+        start, end = f"<!-- study-table-{table} -->", f"<!-- /study-table-{table} -->"
+        if start not in text or end not in text:
+            raise ValueError(f"the page has no {start} ... {end} block for table {table}")
+        head, rest = text.split(start, 1)
+        _, tail = rest.split(end, 1)
+        body = "\n".join(arm_table(rows, table))
+        text = f"{head}{start}\n{body}\n{end}{tail}"
+    return text
+
+
+def load_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a results file (``[]`` when it does not exist yet)."""
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def publish(
+    root: Path,
+    runs: Path | None = None,
+    arms: Sequence[str] | None = None,
+    figures: bool = True,
+) -> list[dict[str, Any]]:
+    """Merge the finished arms of ``runs`` (all, or ``arms``) into ``root/docs/
+    study_results.json``, then write the page's tables and the figures from it. Returns the
+    rows. Raises FileNotFoundError for a named arm with no result."""
+    results = root / RESULTS
+    rows = load_rows(results)
+    new: list[dict[str, Any]] = []
+    if runs is not None:
+        files = (
+            [runs / "arms" / a / "result.json" for a in arms]
+            if arms
+            else sorted((runs / "arms").glob("*/result.json"))
+        )
+        for file in files:
+            if not file.is_file():
+                raise FileNotFoundError(
+                    f"{file} does not exist: arm {file.parent.name!r} has not finished in "
+                    f"{runs} (run the study for it, or leave it out of --arms)"
+                )
+            new.append(slim(json.loads(file.read_text())))
+    configs = {a.key: a for a in load_arms(root / ARMS_DIR)}
+    rows = merge(rows, new)
+    for row in rows:  # titles and row order follow the arm files
+        if (arm := configs.get(row["key"])) is not None:
+            row.update(title=arm.title, table=arm.table, order=arm.order)
+    rows = merge(rows, [])
+    results.write_text(json.dumps(rows, indent=1, ensure_ascii=False) + "\n")
+    page = root / DOC
+    page.write_text(render(page.read_text(), rows))
+    if figures:
+        from dmvae_lightning.plots import save_figure
+
+        save_figure(gfid_figure(rows), root / FIGURES["gfid"])
+        save_figure(psnr_gfid_figure(rows), root / FIGURES["psnr_vs_gfid"])
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(
+        prog="python -m dmvae_lightning.study.publish",
+        description="Merge a study's finished arms into docs/study_results.json and redraw the "
+        "tables of docs/reference-study.md and the docs' study figures from it.",
+    )
+    parser.add_argument("--runs", type=Path, help="a study's runs folder to merge arms from")
+    parser.add_argument("--arms", help="comma-separated arms of --runs (default: every finished)")
+    parser.add_argument("--root", type=Path, default=Path("."), help="repository root")
+    parser.add_argument("--no_figures", action="store_true", help="tables and JSON only")
+    args = parser.parse_args(argv)
+    if args.arms and args.runs is None:
+        parser.error("--arms names arms of a runs folder: give --runs too")
+    rows = publish(
+        args.root.resolve(),
+        args.runs.resolve() if args.runs else None,
+        args.arms.split(",") if args.arms else None,
+        figures=not args.no_figures,
+    )
+    print(
+        f"[publish] {len(rows)} arms -> {RESULTS}, {DOC}, {', '.join(map(str, FIGURES.values()))}"
+    )
+    return rows
+
+
+if __name__ == "__main__":
+    main()

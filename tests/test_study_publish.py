@@ -1,0 +1,97 @@
+"""Publishing study results into the docs (``python -m dmvae_lightning.study.publish``): the
+committed tables are what the committed results render, and a runs folder's arms merge in."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dmvae_lightning.study import publish
+from dmvae_lightning.study.report import arm_table
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_docs_tables_are_the_committed_results_rendered():
+    rows = publish.load_rows(ROOT / publish.RESULTS)
+    assert {r["table"] for r in rows} == {1, 2}
+    page = (ROOT / publish.DOC).read_text()
+    assert publish.render(page, rows) == page, (
+        "docs/reference-study.md's tables differ from docs/study_results.json: run "
+        "python -m dmvae_lightning.study.publish"
+    )
+    # every row's mean ± std is the mean and sample std of its per-seed gFIDs (each rounded
+    # to 0.01 in the docs, so the mean of the rounded seeds is off by up to 0.01)
+    for row in rows:
+        gfids = [g["gfid"] for g in row["generators"]]
+        mean = sum(gfids) / len(gfids)
+        std = (sum((g - mean) ** 2 for g in gfids) / (len(gfids) - 1)) ** 0.5
+        assert row["summary"]["gfid_mean"] == pytest.approx(mean, abs=0.0101), row["key"]
+        assert row["summary"]["gfid_std"] == pytest.approx(std, abs=0.02), row["key"]
+
+
+def _row(key: str, gfids: list[float], table: int = 2, order: int = 0) -> dict:
+    mean = sum(gfids) / len(gfids)
+    return {
+        "key": key,
+        "title": f"old title of {key}",
+        "table": table,
+        "order": order,
+        "reference": "supervised",
+        "tokenizer": {"psnr": 22.0, "rfid": 0.5, "probe_acc": 0.84, "checkpoint": "/x/t.ckpt"},
+        "generators": [
+            {"seed": i, "gfid": g, "is": 2.6, "fm_loss": 0.47} for i, g in enumerate(gfids)
+        ],
+        "summary": {"gfid_mean": mean, "gfid_std": 0.05, "is_mean": 2.6, "is_std": 0.0},
+        "stage_seconds": 100.0,
+    }
+
+
+@pytest.fixture
+def docs_root(tmp_path: Path) -> Path:
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "configs").symlink_to(ROOT / "configs")
+    page = "# study\n\n<!-- study-table-2 -->\nold\n<!-- /study-table-2 -->\n\nafter\n"
+    (tmp_path / publish.DOC).write_text(page)
+    rows = [_row("cfg3", [2.9, 2.8, 3.0]), _row("dmd_w1", [3.1, 3.0, 2.9])]
+    (tmp_path / publish.RESULTS).write_text(json.dumps(rows))
+    return tmp_path
+
+
+def test_publish_merges_finished_arms_and_redraws_tables_and_figures(docs_root: Path):
+    runs = docs_root / "runs"
+    (runs / "arms" / "cfg3").mkdir(parents=True)
+    (runs / "arms" / "cfg3" / "result.json").write_text(
+        json.dumps(_row("cfg3", [2.71, 2.72, 2.73]) | {"timings": {"cfg3/0_align": 5.0}})
+    )
+    rows = publish.main(["--root", str(docs_root), "--runs", str(runs), "--arms", "cfg3"])
+    by_key = {r["key"]: r for r in rows}
+    assert [g["gfid"] for g in by_key["cfg3"]["generators"]] == [2.71, 2.72, 2.73]  # replaced
+    assert [g["gfid"] for g in by_key["dmd_w1"]["generators"]] == [3.1, 3.0, 2.9]  # kept
+    assert "checkpoint" not in by_key["cfg3"]["tokenizer"] and "timings" not in by_key["cfg3"]
+    # titles and order come from the arm files: dmd_w1 comes before cfg3 in table 2
+    assert [r["key"] for r in rows] == ["dmd_w1", "cfg3"]
+    assert by_key["cfg3"]["title"] == "CFG 3 inside DMD (supervised reference, dmd 10)"
+    saved = json.loads((docs_root / publish.RESULTS).read_text())
+    assert saved == rows
+    page = (docs_root / publish.DOC).read_text()
+    table = "\n".join(arm_table(rows, 2))
+    assert f"<!-- study-table-2 -->\n{table}\n<!-- /study-table-2 -->\n\nafter\n" in page
+    assert "| 2.71, 2.72, 2.73 |" in page and "old\n" not in page
+    for figure in publish.FIGURES.values():
+        assert (docs_root / figure).stat().st_size > 1000
+    # publishing again changes nothing
+    publish.main(["--root", str(docs_root), "--no_figures"])
+    assert (docs_root / publish.DOC).read_text() == page
+
+
+def test_publish_names_what_is_missing(docs_root: Path):
+    with pytest.raises(FileNotFoundError, match="arm 'gaussian' has not finished"):
+        publish.publish(docs_root, docs_root / "runs", ["gaussian"], figures=False)
+    rows = [_row("kl_vae", [3.3, 3.2], table=1)]
+    with pytest.raises(ValueError, match="no <!-- study-table-1 -->"):
+        publish.render("no markers here\n", rows)
+    with pytest.raises(SystemExit):
+        publish.main(["--arms", "cfg3"])  # --arms without --runs
