@@ -125,27 +125,24 @@ def _fig(**kwargs: Any):
 
 
 def gfid_figure(rows: list[dict[str, Any]]):
-    """Bar chart of gFID per arm, error bars = std over seeds, seeds as dots."""
-    fig = _fig(figsize=(max(6, 0.6 * len(rows) + 2), 3.6), layout="constrained")
+    """gFID per arm: mean ± std over seeds (a point with error bars; Table 1 blue, Table 2
+    orange) and each seed (small dots beside it), on a log axis. Points, not bars from zero, so
+    that differences of 0.1 between arms stay visible."""
+    fig = _fig(figsize=(max(6, 0.45 * len(rows) + 2), 4), layout="constrained")
     ax = fig.add_subplot()
     for i, row in enumerate(rows):
         s = row["summary"]
-        ax.bar(
-            i,
-            s["gfid_mean"],
-            yerr=s["gfid_std"],
-            color="#4c72b0" if row["table"] == 1 else "#dd8452",
-            capsize=3,
-        )
-        ax.scatter(
-            [i] * len(row["generators"]),
-            [g["gfid"] for g in row["generators"]],
-            s=8,
-            c="k",
-            zorder=3,
-        )
+        color = "#4c72b0" if row["table"] == 1 else "#dd8452"
+        ax.errorbar(i, s["gfid_mean"], yerr=s["gfid_std"], fmt="o", color=color, capsize=3)
+        seeds = [g["gfid"] for g in row["generators"]]
+        ax.scatter([i + 0.25] * len(seeds), seeds, s=6, c="k", zorder=3)
     ax.set_xticks(range(len(rows)), [r["key"] for r in rows], rotation=45, ha="right", fontsize=8)
-    ax.set_ylabel("gFID (domain net)")
+    ax.set_yscale("log")  # an outlier arm (diffusion noise) would squash the rest
+    ax.yaxis.set_major_formatter("{x:g}")
+    ax.yaxis.set_minor_formatter("{x:g}")
+    ax.tick_params(axis="y", which="minor", labelsize=7)
+    ax.grid(axis="y", which="both", alpha=0.3)
+    ax.set_ylabel("gFID (domain net, log scale)")
     ax.set_title("gFID per arm (mean ± std over seeds; dots: seeds)", fontsize=9)
     return fig
 
