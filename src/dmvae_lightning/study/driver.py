@@ -154,7 +154,7 @@ class Study:
         checked against the tokenizer only when an arm reads them)."""
         arm_dir = self.arm_dir(arm)
         return (arm_dir / "tokenizer.json").is_file() and all(
-            (arm_dir / "latents" / f"{split}.seconds").is_file() for split in ("train", "val")
+            self.seconds_file(arm_dir / "latents" / split).is_file() for split in ("train", "val")
         )
 
     # ---------------------------------------------------------------- running stages
@@ -244,18 +244,24 @@ class Study:
             raise RuntimeError(f"dmvae fit {config} finished without writing {ckpt}")
         return self._write_seconds(ckpt, tb_name, time.perf_counter() - start)
 
+    @staticmethod
+    def seconds_file(path: Path) -> Path:
+        """``<path>.seconds``: how long the stage or cache ``path`` took to build (written once
+        it is complete)."""
+        return path.with_suffix(".seconds")
+
     def _write_seconds(self, path: Path, name: str, seconds: float) -> float:
         """Record that stage ``name`` (output ``path``) took ``seconds``: in ``timings``, in
         ``stage_seconds`` and in ``<path>.seconds`` (:meth:`_read_seconds` reads it back).
         Returns ``seconds``."""
         self.timings[name] = self.stage_seconds[name] = seconds
-        path.with_suffix(".seconds").write_text(f"{seconds:.1f}\n")
+        self.seconds_file(path).write_text(f"{seconds:.1f}\n")
         return seconds
 
     def _read_seconds(self, ckpt: Path, name: str) -> None:
         """Put the time stage ``name`` took when it was trained (``<ckpt>.seconds``, written by
         :meth:`_write_seconds`) in ``stage_seconds``; nothing when the file is missing."""
-        seconds_file = ckpt.with_suffix(".seconds")
+        seconds_file = self.seconds_file(ckpt)
         if seconds_file.is_file():
             self.stage_seconds[name] = float(seconds_file.read_text())
 
@@ -345,8 +351,8 @@ class Study:
 
     def real_stats(self):
         """FID statistics of the evaluation images (:meth:`eval_set`) under the FID net, kept
-        in :attr:`stats_cache` (keyed by the images' content and the FID net's weights): each worker process of a parallel study
-        reads them instead of recomputing them."""
+        in :attr:`stats_cache` (keyed by the images' content and the FID net's weights): each
+        worker process of a parallel study reads them instead of recomputing them."""
         if "real_stats" not in self._cache:
             self._cache["real_stats"] = self.stats_cache.stats(
                 self.eval_set()[0], self.fid_features(), batch_size=500

@@ -55,12 +55,18 @@ def slim(result: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def merge(rows: list[dict[str, Any]], new: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """``rows`` with each of ``new`` replacing the row of the same ``key`` (or added), sorted
-    by (table, order)."""
+def merge(
+    rows: list[dict[str, Any]], new: Sequence[dict[str, Any]], arms: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """``rows`` with each of ``new`` replacing the row of the same ``key`` (or added); a row
+    whose arm is in ``arms`` (key -> :class:`~dmvae_lightning.study.arms.Arm`) takes its title,
+    table and order from it. Sorted by (table, order)."""
     by_key = {r["key"]: r for r in rows}
     for row in new:
         by_key[row["key"]] = row
+    for key, row in by_key.items():
+        if (arm := arms.get(key)) is not None:
+            row.update(title=arm.title, table=arm.table, order=arm.order)
     return sorted(by_key.values(), key=lambda r: (r["table"], r["order"]))
 
 
@@ -109,12 +115,7 @@ def publish(
                     f"{runs} (run the study for it, or leave it out of --arms)"
                 )
             new.append(slim(json.loads(file.read_text())))
-    configs = {a.key: a for a in load_arms(root / ARMS_DIR)}
-    rows = merge(rows, new)
-    for row in rows:  # titles and row order follow the arm files
-        if (arm := configs.get(row["key"])) is not None:
-            row.update(title=arm.title, table=arm.table, order=arm.order)
-    rows = merge(rows, [])
+    rows = merge(rows, new, {a.key: a for a in load_arms(root / ARMS_DIR)})
     results.write_text(json.dumps(rows, indent=1, ensure_ascii=False) + "\n")
     page = root / DOC
     page.write_text(render(page.read_text(), rows))
