@@ -13,7 +13,7 @@ from helpers import SaveAtBatch, assert_same, checkpoints
 
 from dmvae_lightning import flow
 from dmvae_lightning.cli import main
-from dmvae_lightning.losses.matching import DMDLoss, MMDLoss
+from dmvae_lightning.losses.matching import DMDLoss, GaussianKLLoss, MMDLoss
 from dmvae_lightning.modules.dmvae import DMVAEModule
 
 REPO = Path(__file__).resolve().parents[1]
@@ -273,6 +273,45 @@ def test_mmd_matching_reads_reference_samples_from_the_batch(tmp_path, stage_ckp
         model.matching_term(x, z, {"image": x})
     with pytest.raises(ValueError, match="reference.shape"):
         model.matching_term(x, z, {"image": x, "reference": torch.randn(6, 4, 8, 8)})
+
+
+def test_gaussian_kl_reuses_the_encoder_pass():
+    """The per-sample-KL term reads the posterior of the features the encoder computed for z:
+    one encoder forward per VAE step, with the value and gradients of a second, fresh pass
+    (what it used to run: the KL-VAE's encoder twice a step). Latents that are not the
+    bottleneck's last output (an ``encode`` override rescaling them) fall back to that pass."""
+    torch.manual_seed(3)
+    model = DMVAEModule(
+        stage="pretrain",
+        image_channels=1,
+        latent_channels=4,
+        encoder={"name": "conv", "ch": 8, "ch_mult": [1, 2], "num_res_blocks": 1},
+        bottleneck_hidden=16,
+        bottleneck_gaussian=True,
+        decoder={"ch": 8, "ch_mult": [1, 2], "num_res_blocks": 0, "mid_attention": False},
+        discriminator={"ch": 8, "n_layers": 2},
+        matching_loss=GaussianKLLoss(),
+    ).train()
+    calls = []
+    model.tokenizer.encoder.register_forward_hook(lambda *args: calls.append(1))
+    params = [p for p in model.tokenizer.encoder.parameters() if p.requires_grad]
+    assert params
+    x = torch.rand(6, 1, 16, 16) * 2 - 1
+    z = model.encode(x)
+    value, _ = model.matching_term(x, z, {"image": x})
+    assert len(calls) == 1
+    grads = torch.autograd.grad(value, params)
+    mean, logvar = model.tokenizer.bottleneck.forward_stats(model.tokenizer.encoder(x))
+    expected = GaussianKLLoss()(mean, logvar)
+    torch.testing.assert_close(value, expected)
+    assert float(value) > 0
+    for got, want in zip(grads, torch.autograd.grad(expected, params), strict=True):
+        torch.testing.assert_close(got, want)
+    calls.clear()
+    z = model.encode(x)
+    value, _ = model.matching_term(x, 2.0 * z, {"image": x})  # not the bottleneck's output
+    assert len(calls) == 2
+    torch.testing.assert_close(value, expected)
 
 
 def test_alignment_checkpoint_loads_as_a_tokenizer(tmp_path, stage_ckpts):

@@ -305,6 +305,11 @@ class DMVAEModule(EMAInEvaluation, pl.LightningModule):
         self.register_buffer("batch_count", torch.zeros((), dtype=torch.long))
         self.nonfinite_guard = NonFiniteGuard.from_spec(nonfinite)
         self.configure_models()
+        # (features, latents) of the last training-mode bottleneck call with gradients: the
+        # Gaussian KL reuses those features instead of running the encoder a second time
+        self._bottleneck_io: tuple[torch.Tensor, torch.Tensor] | None = None
+        if bottleneck_gaussian:
+            self.tokenizer.bottleneck.register_forward_hook(self._remember_bottleneck_io)
         self.matching_loss = matching_loss
         self.configure_losses()
         self.configure_metrics()
@@ -523,6 +528,22 @@ class DMVAEModule(EMAInEvaluation, pl.LightningModule):
         loss, logs = self.adversarial.discriminator_loss(self.discriminator, x, x_rec.detach())
         return loss, {f"train/{k}": v for k, v in logs.items()}
 
+    def _remember_bottleneck_io(
+        self, module: nn.Module, args: tuple[Any, ...], output: torch.Tensor
+    ) -> None:
+        if module.training and torch.is_grad_enabled() and args:
+            self._bottleneck_io = (args[0], output)
+
+    def posterior_features(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """The encoder features (B, D, h, w) whose bottleneck posterior produced latents ``z``:
+        those of the bottleneck's last training call when ``z`` is that call's output (the
+        usual case: ``z`` came from :meth:`encode` on this batch), else ``encoder(x)`` again.
+        Saves the Gaussian KL a second encoder forward and backward per VAE step."""
+        io, self._bottleneck_io = self._bottleneck_io, None
+        if io is not None and io[1] is z:
+            return io[0]
+        return self.tokenizer.encoder(x)
+
     def matching_term(
         self, x: torch.Tensor, z: torch.Tensor, batch: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -549,7 +570,7 @@ class DMVAEModule(EMAInEvaluation, pl.LightningModule):
                     "GaussianKLLoss needs a Gaussian posterior: set "
                     "model.init_args.bottleneck_gaussian: true"
                 )
-            mean, logvar = self.tokenizer.bottleneck.forward_stats(self.tokenizer.encoder(x))
+            mean, logvar = self.tokenizer.bottleneck.forward_stats(self.posterior_features(x, z))
             value, logs = loss_fn(mean, logvar), {}
         else:
             ref = batch.get("reference")

@@ -21,6 +21,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--arms", default=None, help="comma-separated arm names (default: all)")
     parser.add_argument(
+        "--table",
+        type=int,
+        choices=(1, 2),
+        default=None,
+        help="only the arms of the paper's Table 1 (references) or 2 (ablations)",
+    )
+    parser.add_argument(
         "--seeds",
         default=",".join(map(str, DEFAULT_SEEDS)),
         help="generator seeds, comma-separated",
@@ -60,6 +67,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     arms = load_arms(Path(args.root) / ARMS_DIR, names=names)
     if names:  # run in the order given (the report keeps the table order)
         arms.sort(key=lambda a: names.index(a.key))
+    if args.table is not None:
+        arms = [arm for arm in arms if arm.table == args.table]
+        if not arms:
+            parser.error(f"--table {args.table}: none of the selected arms is in that table")
     if args.list:
         for arm in arms:
             print(f"{arm.key:28s} table {arm.table}  {arm.title}")
