@@ -55,14 +55,15 @@ format: install
 demo: install
 	$(PY) -m dmvae_lightning.demo --runs $(RUNS)
 
-# The reference-distribution study (paper Tables 1 and 2 at CPU scale); ARMS=a,b SEEDS=0,1,2 narrow it,
+# The reference-distribution study (paper Tables 1 and 2 at CPU scale); ARMS=a,b TABLE=1 SEEDS=0,1,2 narrow it,
 # JOBS=N runs N worker processes at once (cores / N threads each; 2 measured 1.3-1.5x faster than
 # 1 on 2 cores: docs/studies.md).
 ARMS ?=
+TABLE ?=
 SEEDS ?= 0,1,2
 JOBS ?= 2
 study: install
-	$(PY) -m dmvae_lightning.study --runs $(RUNS)/study --seeds $(SEEDS) --jobs $(JOBS) $(if $(ARMS),--arms $(ARMS))
+	$(PY) -m dmvae_lightning.study --runs $(RUNS)/study --seeds $(SEEDS) --jobs $(JOBS) $(if $(ARMS),--arms $(ARMS)) $(if $(TABLE),--table $(TABLE))
 
 clean:
 	rm -rf $(VENV) $(RUNS) .pytest_cache site

@@ -61,6 +61,23 @@ def test_arm_file_errors_name_the_problem(tmp_path):
         study.load_arms(ROOT / study.ARMS_DIR, names=["no_such_arm"])
 
 
+def test_cli_table_selects_one_tables_arms(capsys):
+    """``--list --table N`` prints exactly the arms whose files say ``table: N``; a selection
+    with none of them is an error naming --table."""
+    from dmvae_lightning.study.cli import main
+
+    arms = study.load_arms(ROOT / study.ARMS_DIR)
+    for table in (1, 2):
+        main(["--root", str(ROOT), "--list", "--table", str(table)])
+        listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+        assert listed == [a.key for a in arms if a.table == table]
+    main(["--root", str(ROOT), "--list", "--table", "1", "--arms", "cfg3,kl_vae"])
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == ["kl_vae"]
+    with pytest.raises(SystemExit):
+        main(["--root", str(ROOT), "--list", "--table", "2", "--arms", "kl_vae"])
+    assert "--table 2" in capsys.readouterr().err
+
+
 def test_summary_is_mean_and_sample_std():
     rows = [{"seed": s, "gfid": g, "eval_seconds": 60.0 + s} for s, g in enumerate([1.0, 2.0, 4.0])]
     s = study.summarize(rows)
