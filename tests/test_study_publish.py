@@ -22,6 +22,10 @@ def test_the_docs_tables_are_the_committed_results_rendered():
         "docs/reference-study.md's tables differ from docs/study_results.json: run "
         "python -m dmvae_lightning.study.publish"
     )
+    rerun = publish.load_rows(ROOT / publish.RERUN)
+    assert rerun, "docs/study_rerun_results.json holds the one-command Table 1 rerun"
+    assert publish.render_rerun(page, rows, rerun) == page
+    assert {r["key"] for r in rerun} <= {r["key"] for r in rows}
     # every row's mean ± std is the mean and sample std of its per-seed gFIDs (each rounded
     # to 0.01 in the docs, so the mean of the rounded seeds is off by up to 0.01)
     for row in rows:
@@ -95,3 +99,34 @@ def test_publish_names_what_is_missing(docs_root: Path):
         publish.render("no markers here\n", rows)
     with pytest.raises(SystemExit):
         publish.main(["--arms", "cfg3"])  # --arms without --runs
+
+
+def test_publish_rerun_compares_without_touching_the_published_rows(docs_root: Path):
+    page = docs_root / publish.DOC
+    page.write_text(page.read_text() + "<!-- study-rerun -->\n<!-- /study-rerun -->\nend\n")
+    runs = docs_root / "runs"
+    (runs / "arms" / "cfg3").mkdir(parents=True)
+    (runs / "arms" / "cfg3" / "result.json").write_text(
+        json.dumps(
+            _row("cfg3", [2.71, 2.72, 2.73]) | {"summary": {"gfid_mean": 2.72, "gfid_std": 0.01}}
+        )
+    )
+    before = (docs_root / publish.RESULTS).read_text()
+    rows = publish.main(["--root", str(docs_root), "--runs", str(runs), "--rerun", "--no_figures"])
+    assert {r["key"]: r["summary"]["gfid_mean"] for r in rows} == pytest.approx(
+        {"cfg3": 2.9, "dmd_w1": 3.0}
+    )
+    saved = json.loads((docs_root / publish.RESULTS).read_text())
+    assert saved == rows and [r["key"] for r in json.loads(before)] == ["cfg3", "dmd_w1"]
+    rerun = json.loads((docs_root / publish.RERUN).read_text())
+    assert [r["key"] for r in rerun] == ["cfg3"] and "checkpoint" not in rerun[0]["tokenizer"]
+    text = page.read_text()
+    # published 2.90 ± 0.05, rerun 2.72 ± 0.01: -0.18 against twice the larger std, 0.10
+    line = "| `cfg3` | 2.90 ± 0.05 | 2.72 ± 0.01 | -0.18 | 0.10 | 22.00 / 22.00 | n/a |"
+    assert f"<!-- study-rerun -->\n{publish.rerun_table(rows, rerun)[0]}" in text
+    assert line in text and text.endswith("<!-- /study-rerun -->\nend\n")
+    # a plain publish keeps the comparison; a page without the block is an error naming it
+    publish.main(["--root", str(docs_root), "--no_figures"])
+    assert page.read_text() == text
+    with pytest.raises(ValueError, match="study-rerun"):
+        publish.render_rerun("no block\n", rows, rerun)

@@ -14,6 +14,11 @@ renders the tables from the JSON and compares them with the page).
 arm. Each row's title, table and order are taken from its arm file when it exists, so the
 tables follow ``configs/fashion_mnist/study``. The latent-PCA figure needs the checkpoints and
 is not redrawn here (``runs/study/figures/latent_pca.png`` is the study's own).
+
+``--rerun`` merges the arms into ``docs/study_rerun_results.json`` instead: an independent
+rerun of arms already published (e.g. the whole of Table 1 in one command, every shared stage
+retrained), kept beside the published rows, not mixed into them. The page's block between
+``<!-- study-rerun -->`` and ``<!-- /study-rerun -->`` compares the two, arm by arm.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from dmvae_lightning.study.arms import ARMS_DIR, load_arms
 from dmvae_lightning.study.report import arm_table, gfid_figure, psnr_gfid_figure
 
 RESULTS = Path("docs/study_results.json")
+RERUN = Path("docs/study_rerun_results.json")
+RERUN_MARKERS = ("<!-- study-rerun -->", "<!-- /study-rerun -->")
 DOC = Path("docs/reference-study.md")
 FIGURES = {"gfid": Path("docs/study_gfid.png"), "psnr_vs_gfid": Path("docs/study_psnr_vs_gfid.png")}
 #: the parts of an arm's result.json that the docs keep (no paths, no per-stage timings)
@@ -85,6 +92,48 @@ def render(text: str, rows: list[dict[str, Any]]) -> str:
     return text
 
 
+def rerun_table(published: list[dict[str, Any]], rerun: list[dict[str, Any]]) -> list[str]:
+    """Markdown lines comparing each ``rerun`` row with the ``published`` row of the same arm
+    (rerun rows without one are left out): gFID mean ± std of both, their difference against
+    twice the larger std, PSNR and the MMD² to the reference of both."""
+    lines = [
+        "| arm | gFID, published | gFID, rerun | rerun - published | 2 x larger std "
+        "| PSNR (dB), published / rerun | MMD² to ref, published / rerun |",
+        "|" + "---|" * 7,
+    ]
+    by_key = {r["key"]: r for r in published}
+    for row in rerun:
+        if (old := by_key.get(row["key"])) is None:
+            continue
+        a, b = old["summary"], row["summary"]
+
+        def both(key: str, fmt: str, a=old["tokenizer"], b=row["tokenizer"]) -> str:
+            if key not in a or key not in b:
+                return "n/a"
+            return f"{a[key]:{fmt}} / {b[key]:{fmt}}"
+
+        lines.append(
+            f"| `{row['key']}` | {a['gfid_mean']:.2f} ± {a['gfid_std']:.2f} "
+            f"| {b['gfid_mean']:.2f} ± {b['gfid_std']:.2f} "
+            f"| {b['gfid_mean'] - a['gfid_mean']:+.2f} "
+            f"| {2 * max(a['gfid_std'], b['gfid_std']):.2f} "
+            f"| {both('psnr', '.2f')} | {both('mmd', '.4f')} |"
+        )
+    return lines
+
+
+def render_rerun(text: str, published: list[dict[str, Any]], rerun: list[dict[str, Any]]) -> str:
+    """``text`` with the block between :data:`RERUN_MARKERS` replaced by :func:`rerun_table`;
+    raises ValueError when the page has no such block."""
+    start, end = RERUN_MARKERS
+    if start not in text or end not in text:
+        raise ValueError(f"the page has no {start} ... {end} block for the rerun")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    body = "\n".join(rerun_table(published, rerun))
+    return f"{head}{start}\n{body}\n{end}{tail}"
+
+
 def load_rows(path: Path) -> list[dict[str, Any]]:
     """The rows of a results file (``[]`` when it does not exist yet)."""
     return json.loads(path.read_text()) if path.is_file() else []
@@ -95,12 +144,15 @@ def publish(
     runs: Path | None = None,
     arms: Sequence[str] | None = None,
     figures: bool = True,
+    rerun: bool = False,
 ) -> list[dict[str, Any]]:
     """Merge the finished arms of ``runs`` (all, or ``arms``) into ``root/docs/
-    study_results.json``, then write the page's tables and the figures from it. Returns the
-    rows. Raises FileNotFoundError for a named arm with no result."""
+    study_results.json`` (``rerun``: into ``study_rerun_results.json``), then write the page's
+    tables, its rerun comparison (when there are rerun rows) and the figures from them. Returns
+    the published rows. Raises FileNotFoundError for a named arm with no result."""
     results = root / RESULTS
     rows = load_rows(results)
+    rerun_rows = load_rows(root / RERUN)
     new: list[dict[str, Any]] = []
     if runs is not None:
         files = (
@@ -115,10 +167,16 @@ def publish(
                     f"{runs} (run the study for it, or leave it out of --arms)"
                 )
             new.append(slim(json.loads(file.read_text())))
-    rows = merge(rows, new, {a.key: a for a in load_arms(root / ARMS_DIR)})
+    arm_files = {a.key: a for a in load_arms(root / ARMS_DIR)}
+    if rerun:
+        rerun_rows = merge(rerun_rows, new, arm_files)
+        (root / RERUN).write_text(json.dumps(rerun_rows, indent=1, ensure_ascii=False) + "\n")
+        new = []
+    rows = merge(rows, new, arm_files)
     results.write_text(json.dumps(rows, indent=1, ensure_ascii=False) + "\n")
     page = root / DOC
-    page.write_text(render(page.read_text(), rows))
+    text = render(page.read_text(), rows)
+    page.write_text(render_rerun(text, rows, rerun_rows) if rerun_rows else text)
     if figures:
         from dmvae_lightning.plots import save_figure
 
@@ -137,6 +195,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--arms", help="comma-separated arms of --runs (default: every finished)")
     parser.add_argument("--root", type=Path, default=Path("."), help="repository root")
     parser.add_argument("--no_figures", action="store_true", help="tables and JSON only")
+    parser.add_argument(
+        "--rerun",
+        action="store_true",
+        help=f"merge --runs into {RERUN} (an independent rerun, compared with the published "
+        "rows on the page) instead of the published rows",
+    )
     args = parser.parse_args(argv)
     if args.arms and args.runs is None:
         parser.error("--arms names arms of a runs folder: give --runs too")
@@ -145,6 +209,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         args.runs.resolve() if args.runs else None,
         args.arms.split(",") if args.arms else None,
         figures=not args.no_figures,
+        rerun=args.rerun,
     )
     print(
         f"[publish] {len(rows)} arms -> {RESULTS}, {DOC}, {', '.join(map(str, FIGURES.values()))}"
