@@ -299,7 +299,7 @@ def test_gaussian_kl_reuses_the_encoder_pass():
     x = torch.rand(6, 1, 16, 16) * 2 - 1
     z = model.encode(x)
     value, _ = model.matching_term(x, z, {"image": x})
-    assert len(calls) == 1
+    assert len(calls) == 1 and model._bottleneck_io is None  # consumed: no graph kept
     grads = torch.autograd.grad(value, params)
     mean, logvar = model.tokenizer.bottleneck.forward_stats(model.tokenizer.encoder(x))
     expected = GaussianKLLoss()(mean, logvar)
@@ -312,6 +312,20 @@ def test_gaussian_kl_reuses_the_encoder_pass():
     value, _ = model.matching_term(x, 2.0 * z, {"image": x})  # not the bottleneck's output
     assert len(calls) == 2
     torch.testing.assert_close(value, expected)
+    # other matching losses never record (nothing would consume the features)
+    other = DMVAEModule(
+        stage="pretrain",
+        image_channels=1,
+        latent_channels=4,
+        encoder={"name": "conv", "ch": 8, "ch_mult": [1, 2], "num_res_blocks": 1},
+        bottleneck_hidden=16,
+        bottleneck_gaussian=True,
+        decoder={"ch": 8, "ch_mult": [1, 2], "num_res_blocks": 0, "mid_attention": False},
+        discriminator={"ch": 8, "n_layers": 2},
+        matching_loss=MMDLoss(),
+    ).train()
+    other.encode(x)
+    assert other._bottleneck_io is None
 
 
 def test_alignment_checkpoint_loads_as_a_tokenizer(tmp_path, stage_ckpts):

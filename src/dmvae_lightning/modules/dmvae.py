@@ -305,12 +305,14 @@ class DMVAEModule(EMAInEvaluation, pl.LightningModule):
         self.register_buffer("batch_count", torch.zeros((), dtype=torch.long))
         self.nonfinite_guard = NonFiniteGuard.from_spec(nonfinite)
         self.configure_models()
-        # (features, latents) of the last training-mode bottleneck call with gradients: the
-        # Gaussian KL reuses those features instead of running the encoder a second time
-        self._bottleneck_io: tuple[torch.Tensor, torch.Tensor] | None = None
-        if bottleneck_gaussian:
-            self.tokenizer.bottleneck.register_forward_hook(self._remember_bottleneck_io)
         self.matching_loss = matching_loss
+        # (features, latents) of the last training-mode bottleneck call with gradients: the
+        # Gaussian KL reuses those features instead of running the encoder a second time (only
+        # recorded for that loss; consumed by it and dropped after every training step, so no
+        # graph outlives its step)
+        self._bottleneck_io: tuple[torch.Tensor, torch.Tensor] | None = None
+        if bottleneck_gaussian and isinstance(matching_loss, GaussianKLLoss):
+            self.tokenizer.bottleneck.register_forward_hook(self._remember_bottleneck_io)
         self.configure_losses()
         self.configure_metrics()
         if init_from:
@@ -762,6 +764,7 @@ class DMVAEModule(EMAInEvaluation, pl.LightningModule):
                     )
                 )
                 schedulers[2].step()
+        self._bottleneck_io = None
         if vae_step and self.ema is not None:
             self.ema.update(self.ema_target())
         self.batch_count += 1
