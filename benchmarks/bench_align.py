@@ -103,11 +103,12 @@ class BatchTimer(pl.Callback):
         self.ends.append(time.perf_counter())
 
 
-def run_lightning(args: argparse.Namespace, total: int) -> list[float]:
-    module = build(args)
+def timed_fit(module: pl.LightningModule, loader: DataLoader, device: str = "cpu") -> list[float]:
+    """One epoch of ``loader`` under a bare ``lightning.Trainer`` (no logger, checkpoints,
+    progress bar or validation); returns the end time of every batch."""
     timer = BatchTimer()
     trainer = pl.Trainer(
-        accelerator="gpu" if args.device == "cuda" else "cpu",
+        accelerator="gpu" if device == "cuda" else "cpu",
         devices=1,
         max_epochs=1,
         logger=False,
@@ -118,9 +119,13 @@ def run_lightning(args: argparse.Namespace, total: int) -> list[float]:
         limit_val_batches=0,
         callbacks=[timer],
     )
-    loader = DataLoader(RandomImages(total * args.batch_size), batch_size=args.batch_size)
     trainer.fit(module, train_dataloaders=loader)
     return timer.ends
+
+
+def run_lightning(args: argparse.Namespace, total: int) -> list[float]:
+    loader = DataLoader(RandomImages(total * args.batch_size), batch_size=args.batch_size)
+    return timed_fit(build(args), loader, args.device)
 
 
 # ---------------------------------------------------------------------------------- plain loops

@@ -21,9 +21,8 @@ from __future__ import annotations
 import argparse
 import statistics
 
-import lightning.pytorch as pl
 import torch
-from bench_align import BatchTimer, RandomImages
+from bench_align import RandomImages, timed_fit
 from torch.utils.data import DataLoader
 
 from dmvae_lightning.losses.matching import GaussianKLLoss
@@ -58,24 +57,11 @@ def run(cls: type[DMVAEModule], args: argparse.Namespace) -> float:
         matching_loss=GaussianKLLoss(),
         matching_weight=1e-9,
     )
-    timer = BatchTimer()
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        callbacks=[timer],
-    )
     total = args.warmup + args.steps + 1
     loader = DataLoader(RandomImages(total * args.batch_size), batch_size=args.batch_size)
-    trainer.fit(module, train_dataloaders=loader)
+    ends = timed_fit(module, loader)
     a = args.warmup - 1
-    return (timer.ends[a + args.steps] - timer.ends[a]) / args.steps * 1e3
+    return (ends[a + args.steps] - ends[a]) / args.steps * 1e3
 
 
 def main() -> None:

@@ -246,20 +246,24 @@ def test_align_without_init_from_names_the_option(tmp_path, stage_ckpts):
         main(args, run=False)
 
 
-def test_mmd_matching_reads_reference_samples_from_the_batch(tmp_path, stage_ckpts):
-    """With an MMD loss the matching term is MMD(z, batch["reference"]) exactly; without a
-    reference in the data the error names data.init_args.reference."""
-    model = DMVAEModule(
-        stage="align",
+def tiny_module(**kwargs) -> DMVAEModule:
+    """A DMVAEModule with the sizes of tests/configs/align_tiny.yaml's tokenizer (conv encoder
+    ch 8, decoder ch 8, 4 latent channels), ``kwargs`` on top."""
+    return DMVAEModule(
         image_channels=1,
         latent_channels=4,
         encoder={"name": "conv", "ch": 8, "ch_mult": [1, 2], "num_res_blocks": 1},
         bottleneck_hidden=16,
         decoder={"ch": 8, "ch_mult": [1, 2], "num_res_blocks": 0, "mid_attention": False},
         discriminator={"ch": 8, "n_layers": 2},
-        init_from=stage_ckpts["tokenizer"],
-        matching_loss=MMDLoss(),
+        **kwargs,
     )
+
+
+def test_mmd_matching_reads_reference_samples_from_the_batch(tmp_path, stage_ckpts):
+    """With an MMD loss the matching term is MMD(z, batch["reference"]) exactly; without a
+    reference in the data the error names data.init_args.reference."""
+    model = tiny_module(stage="align", init_from=stage_ckpts["tokenizer"], matching_loss=MMDLoss())
     assert "matching_loss" not in model.hparams  # a module object stays out of the hparams
     torch.manual_seed(0)
     x = torch.rand(6, 1, 32, 32) * 2 - 1
@@ -281,16 +285,8 @@ def test_gaussian_kl_reuses_the_encoder_pass():
     (what it used to run: the KL-VAE's encoder twice a step). Latents that are not the
     bottleneck's last output (an ``encode`` override rescaling them) fall back to that pass."""
     torch.manual_seed(3)
-    model = DMVAEModule(
-        stage="pretrain",
-        image_channels=1,
-        latent_channels=4,
-        encoder={"name": "conv", "ch": 8, "ch_mult": [1, 2], "num_res_blocks": 1},
-        bottleneck_hidden=16,
-        bottleneck_gaussian=True,
-        decoder={"ch": 8, "ch_mult": [1, 2], "num_res_blocks": 0, "mid_attention": False},
-        discriminator={"ch": 8, "n_layers": 2},
-        matching_loss=GaussianKLLoss(),
+    model = tiny_module(
+        stage="pretrain", bottleneck_gaussian=True, matching_loss=GaussianKLLoss()
     ).train()
     calls = []
     model.tokenizer.encoder.register_forward_hook(lambda *args: calls.append(1))
@@ -313,17 +309,7 @@ def test_gaussian_kl_reuses_the_encoder_pass():
     assert len(calls) == 2
     torch.testing.assert_close(value, expected)
     # other matching losses never record (nothing would consume the features)
-    other = DMVAEModule(
-        stage="pretrain",
-        image_channels=1,
-        latent_channels=4,
-        encoder={"name": "conv", "ch": 8, "ch_mult": [1, 2], "num_res_blocks": 1},
-        bottleneck_hidden=16,
-        bottleneck_gaussian=True,
-        decoder={"ch": 8, "ch_mult": [1, 2], "num_res_blocks": 0, "mid_attention": False},
-        discriminator={"ch": 8, "n_layers": 2},
-        matching_loss=MMDLoss(),
-    ).train()
+    other = tiny_module(stage="pretrain", bottleneck_gaussian=True, matching_loss=MMDLoss()).train()
     other.encode(x)
     assert other._bottleneck_io is None
 

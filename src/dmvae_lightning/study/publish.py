@@ -77,18 +77,24 @@ def merge(
     return sorted(by_key.values(), key=lambda r: (r["table"], r["order"]))
 
 
+def replace_block(text: str, start: str, end: str, lines: list[str], what: str) -> str:
+    """``text`` with the lines between markers ``start`` and ``end`` replaced by ``lines``;
+    raises ValueError naming the markers and ``what`` the block is for when one is missing."""
+    if start not in text or end not in text:
+        raise ValueError(f"the page has no {start} ... {end} block for {what}")
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    body = "\n".join(lines)
+    return f"{head}{start}\n{body}\n{end}{tail}"
+
+
 def render(text: str, rows: list[dict[str, Any]]) -> str:
     """``text`` (a markdown page) with the lines between ``<!-- study-table-N -->`` and
     ``<!-- /study-table-N -->`` replaced by table N of ``rows``, for every N the rows have.
     Raises ValueError naming a missing marker."""
     for table in sorted({r["table"] for r in rows}):
         start, end = f"<!-- study-table-{table} -->", f"<!-- /study-table-{table} -->"
-        if start not in text or end not in text:
-            raise ValueError(f"the page has no {start} ... {end} block for table {table}")
-        head, rest = text.split(start, 1)
-        _, tail = rest.split(end, 1)
-        body = "\n".join(arm_table(rows, table))
-        text = f"{head}{start}\n{body}\n{end}{tail}"
+        text = replace_block(text, start, end, arm_table(rows, table), f"table {table}")
     return text
 
 
@@ -125,13 +131,7 @@ def rerun_table(published: list[dict[str, Any]], rerun: list[dict[str, Any]]) ->
 def render_rerun(text: str, published: list[dict[str, Any]], rerun: list[dict[str, Any]]) -> str:
     """``text`` with the block between :data:`RERUN_MARKERS` replaced by :func:`rerun_table`;
     raises ValueError when the page has no such block."""
-    start, end = RERUN_MARKERS
-    if start not in text or end not in text:
-        raise ValueError(f"the page has no {start} ... {end} block for the rerun")
-    head, rest = text.split(start, 1)
-    _, tail = rest.split(end, 1)
-    body = "\n".join(rerun_table(published, rerun))
-    return f"{head}{start}\n{body}\n{end}{tail}"
+    return replace_block(text, *RERUN_MARKERS, rerun_table(published, rerun), "the rerun")
 
 
 def load_rows(path: Path) -> list[dict[str, Any]]:
