@@ -40,6 +40,27 @@ def test_every_shipped_arm_loads_and_names_known_stages():
             assert (ROOT / study.CONFIGS / stage["config"]).is_file()
 
 
+def test_the_two_gmm_references_differ_only_in_tying_components_to_classes():
+    """``gmm`` draws the image's class's component, ``gmm_free`` (the paper's, data-independent)
+    one at random whatever the class; both are the same mixture (same centres)."""
+    from dmvae_lightning.data.sources import Draw, build_source
+
+    tied, free = (build_source(study.arms.SOURCES[k]) for k in ("gmm", "gmm_free"))
+    assert torch.equal(tied.means, free.means)
+    labels = torch.full((2000,), 3, dtype=torch.long)
+    draws = {}
+    for name, source in (("gmm", tied), ("gmm_free", free)):
+        z, comp = source.draw(Draw(2000, torch.Generator().manual_seed(0), labels=labels))
+        # nearest centre of each draw (centres ~ N(0, 1) in 256 dims, spread 0.5: unambiguous)
+        nearest = torch.cdist(z.flatten(1), source.means.flatten(1)).argmin(1)
+        assert torch.equal(nearest, comp)
+        draws[name] = torch.bincount(nearest, minlength=10)
+    assert draws["gmm"][3] == 2000
+    # 10 equally likely components: each holds 200 +- 5 sd of its binomial count
+    assert (draws["gmm_free"] - 200).abs().max() < 5 * math.sqrt(2000 * 0.1 * 0.9)
+    assert study.REFERENCES["gmm_free"].model == "reference_gmm_free"
+
+
 def test_arm_file_errors_name_the_problem(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("title: x\nreference: nowhere\ntokenizer: []\n")

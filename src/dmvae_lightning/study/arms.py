@@ -141,6 +141,18 @@ SOURCES: dict[str, dict[str, Any]] = {
         "std": 0.5,
         "seed": 0,
     },
+    # the same mixture (same centres) as the paper's: components drawn at random, not tied to
+    # the image's class (the diffusion modules read the image label, so the reference model
+    # learns the unconditional mixture for every class)
+    "gmm_free": {
+        "name": "gmm",
+        "shape": SHAPE,
+        "num_components": 10,
+        "per_class": False,
+        "center_std": 1.0,
+        "std": 0.5,
+        "seed": 0,
+    },
     "sphere": {"name": "sphere", "shape": SHAPE, "per_position": False},
     "text": {
         "name": "text",
@@ -196,6 +208,7 @@ SHARED: dict[str, SharedStage] = {
     ),
     "reference_gaussian": _source_reference(SOURCES["gaussian"]),
     "reference_gmm": _source_reference(SOURCES["gmm"], scale=1 / math.sqrt(1.25)),
+    "reference_gmm_free": _source_reference(SOURCES["gmm_free"], scale=1 / math.sqrt(1.25)),
     "reference_sphere": _source_reference(SOURCES["sphere"]),
     "reference_text": SharedStage(
         "reference.yaml",
@@ -220,7 +233,7 @@ REFERENCES: dict[str, Reference] = {
     "ssl": Reference("tokenizer_ssl", "reference_ssl"),
     **{
         name: Reference("tokenizer_supervised", f"reference_{name}", SOURCES[name])
-        for name in ("gaussian", "gmm", "sphere", "text", "diffusion_noise")
+        for name in ("gaussian", "gmm", "gmm_free", "sphere", "text", "diffusion_noise")
     },
 }
 #: The frozen encoder (shared stage) of each stage-1 tokenizer.
