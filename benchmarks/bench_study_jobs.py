@@ -3,10 +3,14 @@
 The same units of the study run twice:
 
 * ``sequential``: one unit after another, each process with every usable core as torch threads
-  (what ``--jobs 1`` does, plus one process start per unit);
-* ``parallel``: ``--jobs`` units at once, each process with cores / jobs threads.
+  (what ``--jobs 1`` does, plus one process start per unit; and what ``--jobs N`` gives a unit
+  that starts with nothing else ready);
+* ``parallel``: ``--jobs`` units at once, each process with cores / jobs threads;
+* ``alone`` (only with ``--modes``): one unit after another, each with cores / jobs threads:
+  what ``--jobs N`` gave a unit that ran alone before such a unit took the free cores.
 
-The figure of merit is the wall time of all units: sequential / parallel is the speed-up. Units
+The figure of merit is the wall time of all units: sequential / parallel is the speed-up of
+running units side by side, alone / sequential that of a lone unit taking every core. Units
 (``--kind``):
 
 * ``seed`` (default): generators of arm ``--arm`` (``seed:<arm>:<s>``: train a 600-step
@@ -23,6 +27,7 @@ units to the arm's tokenizer and cache; removed afterwards), so the study is lef
 
     python benchmarks/bench_study_jobs.py --runs runs/study --arm ablation         # ~10 min
     python benchmarks/bench_study_jobs.py --kind arm --arms ablation_align_seed1,ablation_align_seed2
+    python benchmarks/bench_study_jobs.py --modes alone,sequential --units 1     # a lone unit
 """
 
 from __future__ import annotations
@@ -73,6 +78,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--jobs", type=int, default=2, help="processes at once (parallel mode)")
     parser.add_argument("--generator_steps", type=int, default=DEFAULT_GENERATOR_STEPS)
     parser.add_argument("--root", default=".", help="repository root (holds configs/)")
+    parser.add_argument(
+        "--modes", default="sequential,parallel", help="comma-separated: sequential,parallel,alone"
+    )
     args = parser.parse_args(argv)
     runs = Path(args.runs).resolve()
     if not (runs / "shared").is_dir():
@@ -87,7 +95,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         what = "tokenizer units (" + ", ".join(names) + ")"
     else:
         raise SystemExit("--kind arm needs --arms a,b")
-    modes = {"sequential": (1, cores), "parallel": (args.jobs, max(1, cores // args.jobs))}
+    share = max(1, cores // args.jobs)
+    known = {"sequential": (1, cores), "parallel": (args.jobs, share), "alone": (1, share)}
+    unknown = sorted(set(args.modes.split(",")) - set(known))
+    if unknown:
+        raise SystemExit(f"--modes: unknown {unknown}; choose from {sorted(known)}")
+    modes = {mode: known[mode] for mode in args.modes.split(",")}
     wall: dict[str, float] = {}
     per_unit: dict[str, float] = {}
     for mode, (jobs, threads) in modes.items():
@@ -100,10 +113,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             start = time.perf_counter()
             seconds = run_units(
                 [Unit(name) for name in names],
-                worker_command(argv_unit, threads),
+                worker_command(argv_unit),
                 jobs,
                 dest / "logs",
-                env=worker_env(threads),
+                env=worker_env,
+                threads=threads,
                 log=lambda line, mode=mode: print(f"  {mode}: {line}", flush=True),
             )
             wall[mode] = time.perf_counter() - start
@@ -116,9 +130,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             f"| {mode} | {jobs} | {threads} | {wall[mode]:.0f} | {per_unit[mode]:.0f} | "
             f"{3600 * len(names) / wall[mode]:.1f} |"
         )
-    speedup = wall["sequential"] / wall["parallel"]
-    print(f"\nparallel speed-up (sequential wall / parallel wall): {speedup:.2f}x")
-    return {**{f"{m}_s": w for m, w in wall.items()}, "speedup": speedup}
+    out = {f"{m}_s": w for m, w in wall.items()}
+    if "sequential" in wall and "parallel" in wall:
+        out["speedup"] = wall["sequential"] / wall["parallel"]
+        print(f"\nparallel speed-up (sequential wall / parallel wall): {out['speedup']:.2f}x")
+    if "sequential" in wall and "alone" in wall:
+        out["lone_speedup"] = wall["alone"] / wall["sequential"]
+        print(f"lone unit on every core (alone wall / sequential wall): {out['lone_speedup']:.2f}x")
+    return out
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ locks. The end-to-end parallel run is in test_study.py (its first run uses ``--j
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 import time
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from dmvae_lightning import study
-from dmvae_lightning.study.parallel import Unit, named_stages, plan, run_units
+from dmvae_lightning.study.parallel import Unit, log_name, named_stages, plan, run_units
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,16 +91,20 @@ def test_plan_orders_shared_stages_arms_and_seeds_and_leaves_out_finished_work(t
     assert not any("kl_vae" in u.name for u in plan(st, arms))
 
 
-def _sleeper(tmp_path: Path, fail: str | None = None):
-    """A worker command that records its start and end times in <unit>.json (and exits 3 for
-    unit ``fail``)."""
+def _sleeper(tmp_path: Path, fail: str | None = None, slow: str | None = None):
+    """A worker command that sleeps 0.4 s (unit ``slow``: 2 s), records its start and end times
+    and its thread count in <unit>.json, and exits 3 for unit ``fail``."""
     code = (
-        "import json, sys, time; t = time.time(); time.sleep(0.4); "
+        "import json, sys, time; t = time.time(); "
         "name = sys.argv[1]; out = sys.argv[2]; "
-        "open(out + '/' + name.replace(':', '_') + '.json', 'w').write(json.dumps([t, time.time()])); "
+        "time.sleep(2.0 if name == sys.argv[5] else 0.4); "
+        "open(out + '/' + name.replace(':', '_') + '.json', 'w')"
+        ".write(json.dumps([t, time.time(), int(sys.argv[4])])); "
         "sys.exit(3 if name == sys.argv[3] else 0)"
     )
-    return lambda unit: [sys.executable, "-c", code, unit, str(tmp_path), fail or ""]
+    return lambda unit, threads: [
+        *(sys.executable, "-c", code, unit, str(tmp_path), fail or "", str(threads), slow or "")
+    ]
 
 
 def test_run_units_keeps_to_jobs_and_needs(tmp_path):
@@ -130,6 +135,46 @@ def test_run_units_keeps_to_jobs_and_needs(tmp_path):
     assert peak == 2
     assert sum(line.startswith("[study] done") for line in lines) == len(units)
     assert (tmp_path / "logs" / "seed_x_1.log").is_file()
+
+
+def test_a_unit_that_starts_alone_takes_the_free_cores(tmp_path):
+    """jobs 2 on 4 cores, 2 threads a unit: the lone first stage gets all 4; two stages ready
+    together get 2 each; a unit that starts beside a running one gets what that one leaves;
+    ``cores=None`` (``--threads N``) gives every unit exactly N; the environment follows."""
+    units = [
+        Unit("shared:a"),
+        Unit("shared:b", ("shared:a",)),
+        Unit("shared:c", ("shared:a",)),
+        Unit("arm:x", ("shared:b", "shared:c")),
+        Unit("seed:x:0", ("arm:x",)),
+        Unit("seed:x:1", ("arm:x",)),
+        Unit("seed:x:2", ("arm:x",)),
+    ]
+    envs: list[int] = []
+
+    def env(threads: int) -> dict[str, str]:
+        envs.append(threads)
+        return dict(os.environ)
+
+    def threads_of(tag: str, **kwargs) -> dict[str, int]:
+        out = tmp_path / tag
+        out.mkdir()
+        sleeper = _sleeper(out, slow="seed:x:1")
+        run_units(units, sleeper, 2, out / "logs", env=env, log=lambda _: 0, **kwargs)
+        return {
+            u.name: json.loads((out / log_name(u.name)).with_suffix(".json").read_text())[2]
+            for u in units
+        }
+
+    got = threads_of("free", threads=2, cores=4)
+    assert got["shared:a"] == 4 and got["arm:x"] == 4  # alone: the whole machine
+    assert got["shared:b"] == got["shared:c"] == 2  # ready together: 2 each
+    # seeds 0 and 1 start together (2 each); seed 2 when seed 0 ends, beside the slow seed 1
+    assert [got[f"seed:x:{s}"] for s in range(3)] == [2, 2, 2]
+    assert envs == [got[u.name] for u in units]
+    assert set(threads_of("fixed", threads=1).values()) == {1}
+    with pytest.raises(ValueError, match="--threads must be >= 1"):
+        run_units(units, _sleeper(tmp_path), 2, tmp_path / "logs", threads=0)
 
 
 def test_run_units_stops_at_a_failure_and_names_its_log(tmp_path):

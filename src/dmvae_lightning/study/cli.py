@@ -53,7 +53,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "--threads",
         type=int,
         default=0,
-        help="torch threads per process (0: torch's default; with --jobs N: cores / N)",
+        help="torch threads per process (0: torch's default; with --jobs N: cores / N, and a "
+        "unit that starts with nothing else ready takes the free cores; N: exactly N each)",
     )
     parser.add_argument("--unit", default=None, help=argparse.SUPPRESS)  # a --jobs worker
     args = parser.parse_args(argv)

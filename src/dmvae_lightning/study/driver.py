@@ -671,7 +671,8 @@ class Study:
     def run(self, arms: Sequence[Arm], jobs: int = 1, threads: int | None = None) -> dict[str, Any]:
         """Every arm in the order given, then the report (rows in table order). Returns the
         study's JSON. ``jobs`` > 1 first runs the work as up to ``jobs`` worker processes of
-        ``threads`` torch threads each (default: the usable cores / ``jobs``, at least 1;
+        ``threads`` torch threads each (default: the usable cores / ``jobs``, at least 1, and a
+        unit that starts with nothing else ready takes the cores left free;
         :mod:`dmvae_lightning.study.parallel`); this process then reads their results back."""
         start = time.perf_counter()
         if jobs > 1:
@@ -714,21 +715,25 @@ class Study:
             import fcntl  # noqa: F401 - the stage locks need it
         except ImportError as err:  # pragma: no cover - not POSIX
             raise RuntimeError("--jobs > 1 needs POSIX file locks (fcntl); use --jobs 1") from err
+        cores = usable_cores() if threads is None else None  # --threads N: exactly N each
         if threads is None:
             threads = max(1, usable_cores() // jobs)
         units = parallel.plan(self, arms)
-        self.log(f"[study] {len(units)} units, {jobs} at a time, {threads} thread(s) each")
+        alone = "; a unit that starts alone: the free cores" if cores else ""
+        self.log(f"[study] {len(units)} units, {jobs} at a time, {threads} thread(s) each{alone}")
         argv = ["--runs", str(self.runs), "--root", str(self.root)]
         argv += ["--seeds", ",".join(map(str, self.seeds))]
         argv += ["--generator_steps", str(self.generator_steps or 0)]
         argv += ["--quick"] if self.quick else []
         return parallel.run_units(
             units,
-            parallel.worker_command(argv, threads),
+            parallel.worker_command(argv),
             jobs,
             self.runs / "logs",
-            env=parallel.worker_env(threads),
+            env=parallel.worker_env,
             log=self.log,
+            threads=threads,
+            cores=cores,
         )
 
     def shared_seconds(self) -> dict[str, float]:

@@ -8,7 +8,10 @@ NAME`` in a fresh process with ``--threads T`` torch threads:
 * ``seed:<arm>:<seed>``: one generator of an arm, trained and evaluated.
 
 A unit starts when the units it needs have finished (:func:`plan` names them); at most ``jobs``
-run at once. The dependencies only order the work: every stage is also built under a lock file
+run at once, each with ``threads`` torch threads, except that a unit which starts with no other
+unit ready to start takes every core the running units leave free (a one-arm study's tokenizer
+unit, the chain of shared stages at the start of a study): a unit only becomes ready when another
+finishes, so nothing else could use those cores until then, and they are never oversubscribed. The dependencies only order the work: every stage is also built under a lock file
 (:func:`~dmvae_lightning.study.driver.stage_lock`), so a stage the plan missed is still built
 once, by whichever unit asks first. Each unit writes its results into the runs folder as the
 sequential study does; the calling process then reads them back and writes the report, so a
@@ -123,20 +126,28 @@ def log_name(unit: str) -> str:
 
 def run_units(
     units: Iterable[Unit],
-    command: Callable[[str], list[str]],
+    command: Callable[[str, int], list[str]],
     jobs: int,
     logs: Path,
-    env: dict[str, str] | None = None,
+    env: Callable[[int], dict[str, str]] | None = None,
     log: Callable[[str], None] = print,
     poll: float = 0.2,
+    threads: int = 1,
+    cores: int | None = None,
 ) -> dict[str, float]:
-    """Run ``units`` as processes ``command(unit.name)``, at most ``jobs`` at once, each after
-    the units it needs; stdout and stderr go to ``logs/<unit>.log``. Returns each unit's wall
-    seconds. Raises RuntimeError naming the first unit that failed and its log (after letting
-    the running ones finish; none is started after a failure) or the units that can never
-    start (a need that is neither a unit nor done). Ctrl-C stops the running units."""
+    """Run ``units`` as processes ``command(unit.name, n_threads)`` (environment
+    ``env(n_threads)``; None: this one), at most ``jobs`` at once, each after the units it
+    needs; stdout and stderr go to ``logs/<unit>.log``. A unit gets ``threads`` threads; with
+    ``cores`` given, one that starts when no other unit is ready to start gets
+    ``max(threads, cores - threads of the running units)`` (see the module docstring; None:
+    always ``threads``). Returns each unit's wall seconds. Raises RuntimeError naming the first
+    unit that failed and its log (after letting the running ones finish; none is started after
+    a failure) or the units that can never start (a need that is neither a unit nor done).
+    Ctrl-C stops the running units."""
     if jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {jobs}")
+    if threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
     pending = list(units)
     names = {u.name for u in pending}
     for unit in pending:
@@ -144,27 +155,38 @@ def run_units(
         if missing:
             raise ValueError(f"unit {unit.name} needs {missing}, which are not units")
     logs.mkdir(parents=True, exist_ok=True)
-    running: dict[str, tuple[subprocess.Popen, Any, float]] = {}
+    running: dict[str, tuple[subprocess.Popen, Any, float, int]] = {}
     finished: set[str] = set()
     seconds: dict[str, float] = {}
     failed: tuple[str, int] | None = None
     try:
         while pending or running:
             while failed is None and len(running) < jobs:
-                unit = next((u for u in pending if finished.issuperset(u.needs)), None)
-                if unit is None:
+                ready = [u for u in pending if finished.issuperset(u.needs)]
+                if not ready:
                     break
+                unit = ready[0]
                 pending.remove(unit)
+                n_threads = threads
+                if cores is not None and len(ready) == 1:
+                    used = sum(entry[3] for entry in running.values())
+                    n_threads = max(threads, cores - used)
                 handle = open(logs / log_name(unit.name), "w")  # noqa: SIM115 - closed below
                 proc = subprocess.Popen(
-                    command(unit.name), stdout=handle, stderr=subprocess.STDOUT, env=env
+                    command(unit.name, n_threads),
+                    stdout=handle,
+                    stderr=subprocess.STDOUT,
+                    env=None if env is None else env(n_threads),
                 )
-                running[unit.name] = (proc, handle, time.perf_counter())
-                log(f"[study] start {unit.name} ({len(running)} running, {len(pending)} waiting)")
+                running[unit.name] = (proc, handle, time.perf_counter(), n_threads)
+                log(
+                    f"[study] start {unit.name} ({len(running)} running, {len(pending)} "
+                    f"waiting, {n_threads} thread{'s' if n_threads > 1 else ''})"
+                )
             if not running:
                 break  # nothing can start: a failure, or needs that never finish
             time.sleep(poll)
-            for name, (proc, handle, start) in list(running.items()):
+            for name, (proc, handle, start, _) in list(running.items()):
                 code = proc.poll()
                 if code is None:
                     continue
@@ -178,7 +200,7 @@ def run_units(
                     log(f"[study] FAILED {name} (exit {code}): {logs / log_name(name)}")
                     failed = failed or (name, code)
     except BaseException:  # Ctrl-C or an error here: do not leave workers behind
-        for proc, handle, _ in running.values():
+        for proc, handle, *_ in running.values():
             proc.terminate()
             proc.wait()
             handle.close()
@@ -210,11 +232,11 @@ def run_unit(study: Any, name: str) -> None:
         raise ValueError(f"unknown study unit {name!r} (shared:<stage>, arm:<arm>, seed:<arm>:<n>)")
 
 
-def worker_command(argv: Sequence[str], threads: int) -> Callable[[str], list[str]]:
-    """``command(unit)`` for :func:`run_units`: this Python running the study CLI with the
-    caller's options ``argv`` and ``--threads threads --unit <unit>``."""
-    base = [sys.executable, "-m", "dmvae_lightning.study", *argv, "--threads", str(threads)]
-    return lambda unit: [*base, "--unit", unit]
+def worker_command(argv: Sequence[str]) -> Callable[[str, int], list[str]]:
+    """``command(unit, threads)`` for :func:`run_units`: this Python running the study CLI with
+    the caller's options ``argv`` and ``--threads threads --unit unit``."""
+    base = [sys.executable, "-m", "dmvae_lightning.study", *argv]
+    return lambda unit, threads: [*base, "--threads", str(threads), "--unit", unit]
 
 
 def worker_env(threads: int) -> dict[str, str]:
