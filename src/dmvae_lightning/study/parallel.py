@@ -10,8 +10,9 @@ NAME`` in a fresh process with ``--threads T`` torch threads:
 A unit starts when the units it needs have finished (:func:`plan` names them); at most ``jobs``
 run at once, each with ``threads`` torch threads, except that a unit which starts with no other
 unit ready to start takes every core the running units leave free (a one-arm study's tokenizer
-unit, the chain of shared stages at the start of a study): a unit only becomes ready when another
-finishes, so nothing else could use those cores until then, and they are never oversubscribed. The dependencies only order the work: every stage is also built under a lock file
+unit, a shared stage all the rest waits on): a unit only becomes ready when another finishes, so
+nothing else could use those cores until then, and they are never oversubscribed. The
+dependencies only order the work: every stage is also built under a lock file
 (:func:`~dmvae_lightning.study.driver.stage_lock`), so a stage the plan missed is still built
 once, by whichever unit asks first. Each unit writes its results into the runs folder as the
 sequential study does; the calling process then reads them back and writes the report, so a
