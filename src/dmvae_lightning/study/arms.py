@@ -130,29 +130,25 @@ SHAPE = [4, 8, 8]
 #: The stage-1 tokenizer's latents of the training images, encoded once into a latent cache
 #: (``@latents/<shared tokenizer>``) and read as a bank: no encoder pass per reference batch.
 _NOISE_BASE = {"name": "bank", "shape": SHAPE, "path": "@latents/tokenizer_supervised"}
+#: 10 components, one per class, centres ~ N(0, 1), spread 0.5 (the class-tied GMM reference)
+_GMM = {
+    "name": "gmm",
+    "shape": SHAPE,
+    "num_components": 10,
+    "per_class": True,
+    "center_std": 1.0,
+    "std": 0.5,
+    "seed": 0,
+}
+#: the score models see GMM samples scaled to unit variance: centre variance + component variance
+_GMM_SCALE = 1 / math.sqrt(_GMM["center_std"] ** 2 + _GMM["std"] ** 2)
 SOURCES: dict[str, dict[str, Any]] = {
     "gaussian": {"name": "gaussian", "shape": SHAPE, "mean": 0.0, "std": 1.0},
-    "gmm": {
-        "name": "gmm",
-        "shape": SHAPE,
-        "num_components": 10,
-        "per_class": True,
-        "center_std": 1.0,
-        "std": 0.5,
-        "seed": 0,
-    },
+    "gmm": _GMM,
     # the same mixture (same centres) as the paper's: components drawn at random, not tied to
     # the image's class (the diffusion modules read the image label, so the reference model
     # learns the unconditional mixture for every class)
-    "gmm_free": {
-        "name": "gmm",
-        "shape": SHAPE,
-        "num_components": 10,
-        "per_class": False,
-        "center_std": 1.0,
-        "std": 0.5,
-        "seed": 0,
-    },
+    "gmm_free": {**_GMM, "per_class": False},
     "sphere": {"name": "sphere", "shape": SHAPE, "per_position": False},
     "text": {
         "name": "text",
@@ -207,8 +203,8 @@ SHARED: dict[str, SharedStage] = {
         "reference.yaml", {"model": {"init_args": {"tokenizer_ckpt": "@tokenizer_ssl"}}}
     ),
     "reference_gaussian": _source_reference(SOURCES["gaussian"]),
-    "reference_gmm": _source_reference(SOURCES["gmm"], scale=1 / math.sqrt(1.25)),
-    "reference_gmm_free": _source_reference(SOURCES["gmm_free"], scale=1 / math.sqrt(1.25)),
+    "reference_gmm": _source_reference(SOURCES["gmm"], scale=_GMM_SCALE),
+    "reference_gmm_free": _source_reference(SOURCES["gmm_free"], scale=_GMM_SCALE),
     "reference_sphere": _source_reference(SOURCES["sphere"]),
     "reference_text": SharedStage(
         "reference.yaml",

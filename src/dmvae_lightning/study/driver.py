@@ -716,8 +716,8 @@ class Study:
         except ImportError as err:  # pragma: no cover - not POSIX
             raise RuntimeError("--jobs > 1 needs POSIX file locks (fcntl); use --jobs 1") from err
         cores = usable_cores() if threads is None else None  # --threads N: exactly N each
-        if threads is None:
-            threads = max(1, usable_cores() // jobs)
+        if cores is not None:
+            threads = max(1, cores // jobs)
         units = parallel.plan(self, arms)
         alone = "; a unit that starts alone: the free cores" if cores else ""
         self.log(f"[study] {len(units)} units, {jobs} at a time, {threads} thread(s) each{alone}")
