@@ -34,8 +34,9 @@ def test_every_shipped_arm_loads_and_names_known_stages():
         if arm.reference is not None:
             ref = study.REFERENCES[arm.reference]
             assert ref.tokenizer in study.SHARED and ref.model in study.SHARED
-        if arm.ablation is not None:
+        if arm.ablation is not None:  # load_arms checks it exists and has the arm's seeds
             assert arm.ablation in keys
+            assert next(a for a in arms if a.key == arm.ablation).stage_seeds == arm.stage_seeds
         for stage in arm.tokenizer:
             assert (ROOT / study.CONFIGS / stage["config"]).is_file()
 
@@ -80,6 +81,95 @@ def test_arm_file_errors_name_the_problem(tmp_path):
         study.Arm.from_file(bad)
     with pytest.raises(ValueError, match="unknown arm"):
         study.load_arms(ROOT / study.ARMS_DIR, names=["no_such_arm"])
+
+
+def _arm_folder(tmp_path: Path, files: dict[str, str]) -> Path:
+    """An arm folder laid out as configs/<data>/study/ (overlay and config files resolve
+    against the real configs/fashion_mnist, linked beside it)."""
+    data = tmp_path / "configs" / "fashion_mnist"
+    data.mkdir(parents=True)
+    for cfg in (ROOT / study.CONFIGS).glob("*.yaml"):
+        (data / cfg.name).symlink_to(cfg)
+    (data / "study").mkdir()
+    for name, text in files.items():
+        (data / "study" / f"{name}.yaml").write_text(text)
+    return data / "study"
+
+
+BASE_ARM = (
+    'title: "base"\ntable: 2\norder: 1\nreference: supervised\nablation: ctl\ntokenizer:\n'
+    "  - config: align.yaml\n    overlay: {model: {init_args: {matching_weight: 10.0}}}\n"
+    "  - config: finetune.yaml\ngenerator: {steps: 5}\n"
+)
+CONTROL_ARM = (
+    'title: "ctl"\ntable: 2\norder: 2\nreference: supervised\ntokenizer:\n'
+    "  - config: align.yaml\n    overlay: {model: {init_args: {matching_weight: 0.0}}}\n"
+    "  - config: finetune.yaml\n"
+)
+
+
+def test_extends_and_tokenizer_seed_give_the_same_arm_as_writing_it_out(tmp_path):
+    """A seed arm written as ``extends`` + ``tokenizer_seed`` resolves to exactly the stages of
+    the same arm written out by hand (the shipped seed arms are written the short way)."""
+    folder = _arm_folder(
+        tmp_path,
+        {
+            "base": BASE_ARM,
+            "ctl": CONTROL_ARM,
+            "base_seed4": 'extends: base\ntokenizer_seed: 4\ntitle: "seed 4"\nablation: ctl_seed4\n',
+            "ctl_seed4": 'extends: ctl\ntokenizer_seed: 4\ntitle: "ctl 4"\norder: 3\n',
+            "by_hand": (
+                'title: "by hand"\ntable: 2\norder: 1\nreference: supervised\ntokenizer:\n'
+                "  - config: align.yaml\n    overlay:\n"
+                "      model: {init_args: {matching_weight: 10.0, seed: 4}}\n"
+                "      data: {init_args: {seed: 4}}\n"
+                "  - config: finetune.yaml\n"
+                "    overlay: {model: {init_args: {seed: 4}}, data: {init_args: {seed: 4}}}\n"
+                "generator: {steps: 5}\n"
+            ),
+        },
+    )
+    arms = {a.key: a for a in study.load_arms(folder)}
+    short, by_hand = arms["base_seed4"], arms["by_hand"]
+    assert short.tokenizer == by_hand.tokenizer
+    assert short.stage_seeds == [(4, 4), (4, 4)]
+    # inherited: table, order, reference, generator; replaced: title, ablation
+    assert (short.table, short.order, short.reference) == (2, 1, "supervised")
+    assert short.generator == {"steps": 5}
+    assert (short.title, short.ablation) == ("seed 4", "ctl_seed4")
+    assert arms["base"].stage_seeds == [(None, None), (None, None)]
+    assert arms["ctl_seed4"].order == 3
+
+
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        ({"a": "extends: nowhere\n"}, "no nowhere.yaml beside it"),
+        ({"a": "extends: b\n", "b": "extends: a\n"}, "circle: a -> b -> a"),
+        ({"a": "tokenizer_seed: one\n"}, "tokenizer_seed is an integer"),
+        (  # the overlay's own seed and tokenizer_seed disagree
+            {"a": BASE_ARM.replace("matching_weight: 10.0", "seed: 2") + "tokenizer_seed: 3\n"},
+            "disagree",
+        ),
+        (  # a seed arm that kept its base's title
+            {"base": BASE_ARM, "ctl": CONTROL_ARM, "b": "extends: base\ntokenizer_seed: 1\n"},
+            "title 'base' is also",
+        ),
+        (  # a seed arm that kept its base's seed-0 control
+            {
+                "base": BASE_ARM,
+                "ctl": CONTROL_ARM,
+                "b": "extends: base\ntokenizer_seed: 1\ntitle: b\n",
+            },
+            "its ablation 'ctl' under",
+        ),
+        ({"base": BASE_ARM}, "ablation 'ctl' is not an arm file"),
+    ],
+)
+def test_arm_folder_errors_name_the_problem(tmp_path, files, message):
+    folder = _arm_folder(tmp_path, files)
+    with pytest.raises(ValueError, match=message):
+        study.load_arms(folder)
 
 
 def test_cli_table_selects_one_tables_arms(capsys):

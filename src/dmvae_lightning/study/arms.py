@@ -237,9 +237,65 @@ ENCODER_OF = {"tokenizer_supervised": "classifier", "tokenizer_ssl": "ssl"}
 
 
 # --------------------------------------------------------------------------------- arms
+#: The keys of an arm file.
+ARM_KEYS = frozenset(
+    {"title", "table", "order", "reference", "tokenizer", "generator", "ablation", "extends"}
+    | {"tokenizer_seed"}
+)
+
+
+def _read_arm_spec(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """An arm file's keys with ``extends: <arm>`` resolved: the named arm's keys (a file in the
+    same folder, itself possibly extending another), then this file's on top; a key given here
+    replaces the inherited one whole (``tokenizer`` is one key: a list, not merged)."""
+    spec = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(spec, dict):
+        raise ValueError(f"{path}: an arm file is a mapping of keys {sorted(ARM_KEYS)}")
+    unknown = sorted(set(spec) - ARM_KEYS)
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {unknown}; an arm has keys {sorted(ARM_KEYS)}")
+    parent = spec.pop("extends", None)
+    if parent is None:
+        return spec
+    parent_path = path.parent / f"{parent}.yaml"
+    if not parent_path.is_file():
+        raise ValueError(
+            f"{path}: extends {parent!r}, but there is no {parent_path.name} beside it"
+        )
+    chain = (*chain, path.resolve())
+    if parent_path.resolve() in chain:
+        names = " -> ".join(p.stem for p in (*chain, parent_path))
+        raise ValueError(f"{path}: `extends` goes round in a circle: {names}")
+    return {**_read_arm_spec(parent_path, chain), **spec}
+
+
+def _seed_overlay(seed: int) -> dict[str, Any]:
+    """What ``tokenizer_seed`` adds to every tokenizer stage: the two seeds the stages draw all
+    their randomness from (model: initialisation and per-step streams; data: batch order)."""
+    return {"model": {"init_args": {"seed": seed}}, "data": {"init_args": {"seed": seed}}}
+
+
+def _stage_seeds(overlay: dict[str, Any]) -> tuple[Any, Any]:
+    """(model seed, data seed) an overlay sets (None: the stage config's own)."""
+    model = (overlay.get("model") or {}).get("init_args") or {}
+    data = (overlay.get("data") or {}).get("init_args") or {}
+    return model.get("seed"), data.get("seed")
+
+
 @dataclass
 class Arm:
-    """One row of the study (one YAML file under ``configs/fashion_mnist/study/``)."""
+    """One row of the study (one YAML file under ``configs/fashion_mnist/study/``).
+
+    An arm file has the keys ``title``, ``table`` (1 or 2: the paper's table it belongs to),
+    ``order`` (its place in that table), ``reference`` (a name of :data:`REFERENCES`; null for
+    an arm that trains its tokenizer ``from: scratch``), ``tokenizer`` (the stages, each a
+    ``config`` under ``configs/fashion_mnist`` with an optional ``overlay`` and ``from``),
+    ``generator`` (an overlay of the generator stage), ``ablation`` (the arm that is its
+    matching-weight-0 control), and two shorthands: ``extends: <arm>`` takes every key of that
+    arm's file and replaces the ones given here; ``tokenizer_seed: N`` sets
+    ``model.init_args.seed`` and ``data.init_args.seed`` to N in every tokenizer stage (an
+    alignment seed). :attr:`tokenizer` holds the stages with their overlays resolved to
+    mappings."""
 
     key: str
     title: str
@@ -251,20 +307,24 @@ class Arm:
     ablation: str | None = None
     source: Path | None = None
 
+    @property
+    def stage_seeds(self) -> list[tuple[Any, Any]]:
+        """(model seed, data seed) of each tokenizer stage (None: the config's own)."""
+        return [_stage_seeds(stage["overlay"]) for stage in self.tokenizer]
+
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> Arm:
         path = Path(path)
         configs = path.resolve().parent.parent  # configs/<data>/study/<arm>.yaml
-        spec = yaml.safe_load(path.read_text()) or {}
-        known = {"title", "table", "order", "reference", "tokenizer", "generator", "ablation"}
-        unknown = sorted(set(spec) - known)
-        if unknown:
-            raise ValueError(f"{path}: unknown key(s) {unknown}; an arm has keys {sorted(known)}")
+        spec = _read_arm_spec(path)
         reference = spec.get("reference")
         if reference is not None and reference not in REFERENCES:
             raise ValueError(f"{path}: reference {reference!r} is not one of {sorted(REFERENCES)}")
-        stages = list(spec.get("tokenizer") or [])
-        for i, stage in enumerate(stages):
+        seed = spec.get("tokenizer_seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(f"{path}: tokenizer_seed is an integer, got {seed!r}")
+        stages = []
+        for i, stage in enumerate(spec.get("tokenizer") or []):
             bad = sorted(set(stage) - {"config", "overlay", "from"})
             if bad or "config" not in stage:
                 raise ValueError(
@@ -278,11 +338,19 @@ class Arm:
                     "(the stages draw all randomness from model.init_args.seed and "
                     "data.init_args.seed so that resuming is exact); set those two instead"
                 )
+            if seed is not None:
+                if any(s is not None and s != seed for s in _stage_seeds(overlay)):
+                    raise ValueError(
+                        f"{path}: tokenizer_seed {seed} and tokenizer[{i}].overlay's seeds "
+                        f"{_stage_seeds(overlay)} (model, data) disagree; keep one of them"
+                    )
+                overlay = merge(overlay, _seed_overlay(seed))
             if not (configs / stage["config"]).is_file():
                 raise ValueError(
                     f"{path}: tokenizer[{i}].config {stage['config']!r} is not a file under "
                     f"{configs}"
                 )
+            stages.append({**stage, "overlay": overlay})
         if reference is None and (not stages or stages[0].get("from") != "scratch"):
             raise ValueError(
                 f"{path}: an arm without `reference` must train its tokenizer `from: scratch`"
@@ -300,12 +368,45 @@ class Arm:
         )
 
 
+def check_arms(arms: Iterable[Arm]) -> None:
+    """Checks across the arm files of one folder: titles are distinct (they label the tables'
+    rows; an arm that ``extends`` another must give its own), every ``ablation`` names an arm
+    of the folder, and a control trains its tokenizer stages under the same seeds as its arm
+    (an alignment-seed arm whose ``extends`` kept the seed-0 control would compare across
+    seeds)."""
+    arms = {a.key: a for a in arms}
+    titles: dict[str, str] = {}
+    for arm in arms.values():
+        if arm.title in titles:
+            raise ValueError(
+                f"{arm.source}: title {arm.title!r} is also {titles[arm.title]}'s; give each "
+                "arm its own `title` (it labels the row)"
+            )
+        titles[arm.title] = arm.key
+    for arm in arms.values():
+        if arm.ablation is None:
+            continue
+        control = arms.get(arm.ablation)
+        if control is None:
+            raise ValueError(
+                f"{arm.source}: ablation {arm.ablation!r} is not an arm file beside it"
+            )
+        if arm.stage_seeds != control.stage_seeds:
+            raise ValueError(
+                f"{arm.source}: its tokenizer stages run under seeds {arm.stage_seeds} (model, "
+                f"data) but its ablation {arm.ablation!r} under {control.stage_seeds}; name the "
+                "control with the same `tokenizer_seed`"
+            )
+
+
 def load_arms(
     directory: str | os.PathLike = ARMS_DIR, names: Iterable[str] | None = None
 ) -> list[Arm]:
-    """The arms of ``directory`` (every ``*.yaml``), sorted by table and order; ``names``
-    selects some (unknown names are an error listing the known ones)."""
+    """The arms of ``directory`` (every ``*.yaml``), sorted by table and order, after
+    :func:`check_arms`; ``names`` selects some (unknown names are an error listing the known
+    ones)."""
     arms = {p.stem: Arm.from_file(p) for p in sorted(Path(directory).glob("*.yaml"))}
+    check_arms(arms.values())
     if names is not None:
         names = list(names)
         missing = sorted(set(names) - set(arms))
