@@ -21,6 +21,10 @@ scratch`` trains a tokenizer from nothing (the KL-VAE rows). Every stage is ``dm
 named config with the arm's overlay and the paths the driver fills in (``init_from`` = the previous
 stage, ``real_model`` = the reference's score model, encoder weights, log and checkpoint dirs).
 
+Two shorthands keep variants to a few lines: ``extends: <arm>`` takes that arm file's keys and
+replaces the ones given; ``tokenizer_seed: N`` sets the model and data seeds of every tokenizer
+stage (an alignment seed). See :class:`~dmvae_lightning.study.arms.Arm`.
+
 Shared stages (the classifier, the FID net, the self-supervised encoder, the stage-1 tokenizers and
 the reference score models of :data:`REFERENCES`) are trained once and reused by every arm that
 needs them. Stages whose checkpoint exists are skipped and finished arms (and generator seeds) are
@@ -40,7 +44,10 @@ The package: :mod:`~dmvae_lightning.study.arms` (arm files, shared stages, refer
 :mod:`~dmvae_lightning.study.driver` (:class:`Study`: stages and evaluation),
 :mod:`~dmvae_lightning.study.evaluation` (tensor-level helpers, shared with ``make demo``),
 :mod:`~dmvae_lightning.study.report` (tables and figures), :mod:`~dmvae_lightning.study.parallel`
-(worker processes for ``--jobs``), :mod:`~dmvae_lightning.study.cli`.
+(worker processes for ``--jobs``), :mod:`~dmvae_lightning.study.cli`,
+:mod:`~dmvae_lightning.study.publish` (the docs' tables from a runs folder) and
+:mod:`~dmvae_lightning.study.compare` (the study's rule, better by more than twice the larger
+seed std, for any two groups of arms).
 
 Outputs under ``--runs`` (default ``runs/study``): ``study.md``, ``study.json``, ``figures/``
 (gFID per arm with error bars, PSNR vs gFID, latent PCA per arm), TensorBoard runs under ``tb/``
