@@ -138,3 +138,37 @@ def test_quickstart_notebook_runs_on_the_demo_checkpoints(demo_root, monkeypatch
     printed = capsys.readouterr().out
     assert "-> latents (16, 4, 8, 8)" in printed
     assert "| tokenizer | PSNR (dB)" in printed
+
+
+def test_a_stage_killed_after_an_epoch_end_save_is_resumed_not_reused(tmp_path, monkeypatch):
+    """The ModelCheckpoint of a multi-epoch stage writes the stage's checkpoint at every epoch
+    end: a demo killed then leaves a checkpoint that is not the finished stage. The next run
+    resumes it with ``--ckpt_path`` (its ``.running`` marker says it never finished), at the
+    scale it was started with; a finished stage is skipped."""
+    shutil.copytree(REPO / "configs", tmp_path / "configs")
+    stage = demo.STAGES[0]
+    ckpt = tmp_path / stage.checkpoint
+    calls: list[list[str]] = []
+
+    def killed_after_one_epoch(args: list[str]) -> None:
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        ckpt.write_bytes(b"epoch 1")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "cli_main", killed_after_one_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        demo.run_stage(stage, tmp_path, 0.1)
+    assert ckpt.is_file() and not ckpt.with_suffix(".scale").exists()
+    with pytest.raises(RuntimeError, match="started at --scale 0.1, this run asks for 0.3"):
+        demo.run_stage(stage, tmp_path, 0.3)
+
+    def finishes(args: list[str]) -> None:
+        calls.append(args)
+        ckpt.write_bytes(b"finished")
+
+    monkeypatch.setattr(demo, "cli_main", finishes)
+    demo.run_stage(stage, tmp_path, 0.1)
+    assert calls[-1][-2:] == ["--ckpt_path", str(ckpt)]
+    assert float(ckpt.with_suffix(".scale").read_text()) == 0.1
+    assert not ckpt.with_suffix(".running").exists()
+    assert demo.run_stage(stage, tmp_path, 0.1) == 0.0 and len(calls) == 1  # finished: skipped

@@ -353,3 +353,40 @@ def test_flow_matching_loss_of_the_optimal_velocity_is_the_closed_form_minimum()
     assert best == pytest.approx(expected, rel=0.02)
     assert study.flow_matching_loss(Stub(False), z, y) == pytest.approx(2.0, rel=0.02)
     assert best < 2.0 - 0.3  # the closed form is pi / 2: the check separates the two
+
+
+def test_a_stage_checkpoint_without_its_seconds_is_resumed_not_taken_as_finished(
+    tmp_path, monkeypatch
+):
+    """A multi-epoch stage's ModelCheckpoint writes the stage checkpoint at every epoch end, so
+    a study killed mid-stage leaves one behind. Only ``<ckpt>.seconds`` (written when the fit
+    has returned) marks a finished stage: without it the next run resumes the checkpoint with
+    ``--ckpt_path``; with it the stage is skipped."""
+    import dmvae_lightning.cli
+
+    runs = tmp_path / "runs"
+    s = study.Study(runs, root=ROOT, seeds=[0], quick=True, log=lambda _: None)
+    ckpt = runs / "arms" / "x" / "tokenizer_0_align.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"epoch 1 of 3")
+    calls: list[list[str]] = []
+
+    def fit(args: list[str]) -> None:
+        calls.append(args)
+        ckpt.write_bytes(b"finished")
+
+    monkeypatch.setattr(dmvae_lightning.cli, "main", fit)
+    s._fit("align.yaml", {}, ckpt, "arms/x/align", None)
+    assert len(calls) == 1 and calls[0][-2:] == ["--ckpt_path", str(ckpt)]
+    assert s.seconds_file(ckpt).is_file()
+    assert s._fit("align.yaml", {}, ckpt, "arms/x/align", None) == 0.0 and len(calls) == 1
+    # a stage with no checkpoint yet starts from scratch
+    fresh = ckpt.with_name("tokenizer_1_finetune.ckpt")
+
+    def fit_fresh(args: list[str]) -> None:
+        calls.append(args)
+        fresh.write_bytes(b"done")
+
+    monkeypatch.setattr(dmvae_lightning.cli, "main", fit_fresh)
+    s._fit("finetune.yaml", {}, fresh, "arms/x/finetune", None)
+    assert "--ckpt_path" not in calls[-1]

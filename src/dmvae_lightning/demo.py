@@ -3,8 +3,9 @@ table comparing the aligned tokenizer with the matching-weight-0 ablation and a 
 VAE (the paper's headline comparison, one seed; ``dmvae study`` repeats it over seeds).
 
 Each stage is one or more stacked YAML files under ``configs/fashion_mnist/`` run through the
-``dmvae`` CLI; a stage whose checkpoint already exists is skipped, so an interrupted demo
-continues where it stopped (delete a checkpoint to redo its stage). Run it from the repository
+``dmvae`` CLI; a stage whose checkpoint already exists is skipped, and one killed midway is
+resumed from its last epoch-end checkpoint, so an interrupted demo continues where it stopped
+(delete a checkpoint to redo its stage). Run it from the repository
 root::
 
     python -m dmvae_lightning.demo            # or: make demo
@@ -169,10 +170,14 @@ def scaled_budget(stage: Stage, root: Path, scale: float) -> dict[str, int]:
 def run_stage(stage: Stage, root: Path, scale: float = 1.0) -> float:
     """Train ``stage`` unless its checkpoint exists, its budget scaled by ``scale`` (an overlay
     after its configs; the scale is recorded next to the checkpoint, and a checkpoint trained at
-    another scale is an error rather than silently reused). Returns the seconds spent."""
+    another scale is an error rather than silently reused). A stage that was killed after an
+    epoch-end save (its ``<ckpt>.running`` marker is still there) is resumed from that save
+    with ``--ckpt_path``, not taken as finished. Returns the seconds spent."""
     ckpt = root / stage.checkpoint
     record = ckpt.with_suffix(".scale")
-    if ckpt.is_file():
+    running = ckpt.with_suffix(".running")  # there from the start of the fit to its end
+    resume = ckpt.is_file() and running.is_file()
+    if ckpt.is_file() and not resume:
         trained = float(record.read_text()) if record.is_file() else 1.0
         if trained != scale:
             raise RuntimeError(
@@ -190,12 +195,25 @@ def run_stage(stage: Stage, root: Path, scale: float = 1.0) -> float:
         overlay.parent.mkdir(parents=True, exist_ok=True)
         overlay.write_text(yaml.safe_dump({"trainer": budget}))
         args += ["--config", str(overlay)]
+    if resume:  # the epoch-end save of this stage, killed before it finished
+        started = float(running.read_text())
+        if started != scale:
+            raise RuntimeError(
+                f"{ckpt} is an interrupted stage started at --scale {started:g}, this run asks "
+                f"for {scale:g}: pass --scale {started:g} to finish it, or delete {ckpt} and "
+                f"{running} to start it again"
+            )
+        args += ["--ckpt_path", str(ckpt)]
+        print(f"[demo] {stage.name}: resuming the interrupted stage from {ckpt}")
     print(f"[demo] {stage.name}: dmvae {' '.join(args)}")
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    running.write_text(f"{scale}\n")
     start = time.perf_counter()
     cli_main(args)
     if not ckpt.is_file():
         raise RuntimeError(f"{stage.name} finished but wrote no checkpoint at {ckpt}")
     record.write_text(f"{scale}\n")
+    running.unlink()
     return time.perf_counter() - start
 
 

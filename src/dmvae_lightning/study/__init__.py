@@ -27,8 +27,9 @@ stage (an alignment seed). See :class:`~dmvae_lightning.study.arms.Arm`.
 
 Shared stages (the classifier, the FID net, the self-supervised encoder, the stage-1 tokenizers and
 the reference score models of :data:`REFERENCES`) are trained once and reused by every arm that
-needs them. Stages whose checkpoint exists are skipped and finished arms (and generator seeds) are
-read back from their JSON files, so a killed study resumes where it stopped. ``--jobs N`` runs
+needs them. Finished stages are skipped (a stage killed after an epoch-end save resumes from it)
+and finished arms (and generator seeds) are read back from their JSON files, so a killed study
+resumes where it stopped. ``--jobs N`` runs
 the shared stages, the arms' tokenizers and the generator seeds as up to N worker processes at
 once, each after what it needs (:mod:`~dmvae_lightning.study.parallel`; stages are built under
 lock files, so each is built once).

@@ -192,8 +192,11 @@ class Study:
             return self._train(config, resolved, ckpt, tb_name, seed)
 
     def _done(self, ckpt: Path, name: str) -> bool:
-        """Whether stage checkpoint ``ckpt`` exists (then its seconds are read back)."""
-        if ckpt.is_file():
+        """Whether the stage writing ``ckpt`` finished (then its seconds are read back): its
+        ``<ckpt>.seconds`` is written once ``dmvae fit`` has returned. A checkpoint without it
+        is the epoch-end save of a multi-epoch stage that was killed, not a finished stage:
+        :meth:`_train` resumes it."""
+        if ckpt.is_file() and self.seconds_file(ckpt).is_file():
             self._read_seconds(ckpt, name)
             return True
         return False
@@ -201,7 +204,10 @@ class Study:
     def _train(
         self, config: str, overlay: dict[str, Any], ckpt: Path, tb_name: str, seed: int | None
     ) -> float:
-        """:meth:`_fit`'s training (``overlay`` resolved, ``ckpt`` missing, its lock held)."""
+        """:meth:`_fit`'s training (``overlay`` resolved, the stage not finished, its lock
+        held). A ``ckpt`` already there (an interrupted stage's last epoch-end save) is resumed
+        with ``--ckpt_path``: weights, optimizers, step counters and data order, exactly; the
+        seconds recorded are then those after the resume."""
         from dmvae_lightning.cli import main as cli_main
 
         paths = {
@@ -236,10 +242,14 @@ class Study:
         ckpt.parent.mkdir(parents=True, exist_ok=True)
         overlay_file = ckpt.with_suffix(".overlay.yaml")
         overlay_file.write_text(yaml.safe_dump(full, sort_keys=False))
-        self.log(f"[study] fit {config} -> {ckpt.relative_to(self.runs)}")
+        args = ["fit", "--config", str(self.configs / config), "--config", str(overlay_file)]
+        if ckpt.is_file():
+            self.log(f"[study] resume {config} from {ckpt.relative_to(self.runs)} (interrupted)")
+            args += ["--ckpt_path", str(ckpt)]
+        else:
+            self.log(f"[study] fit {config} -> {ckpt.relative_to(self.runs)}")
         start = time.perf_counter()
-        base = self.configs / config
-        cli_main(["fit", "--config", str(base), "--config", str(overlay_file)])
+        cli_main(args)
         if not ckpt.is_file():
             raise RuntimeError(f"dmvae fit {config} finished without writing {ckpt}")
         return self._write_seconds(ckpt, tb_name, time.perf_counter() - start)
