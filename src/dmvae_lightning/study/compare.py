@@ -21,14 +21,13 @@ fall either side in the two, so quote the runs folder's when it is close.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from dmvae_lightning.study.publish import RESULTS
+from dmvae_lightning.study.publish import RESULTS, arm_result, load_rows
 
 
 @dataclass(frozen=True)
@@ -111,28 +110,20 @@ class Comparison:
 
 def load_gfids(arms: Sequence[str], results: Path | None = None, runs: Path | None = None):
     """``{arm: [gFID of each generator seed]}`` for ``arms``, from a runs folder (``runs``:
-    ``arms/<arm>/result.json``) or else a published results file (``results``). Raises
-    FileNotFoundError / KeyError naming the arm (and the option) when one has no numbers."""
-    out: dict[str, list[float]] = {}
+    :func:`~dmvae_lightning.study.publish.arm_result`) or else a published results file
+    (``results``). Raises FileNotFoundError / KeyError naming the arm (and the option) when one
+    has no numbers."""
     if runs is not None:
-        for arm in arms:
-            file = runs / "arms" / arm / "result.json"
-            if not file.is_file():
-                raise FileNotFoundError(
-                    f"{file} does not exist: arm {arm!r} has not finished in --runs {runs}"
-                )
-            out[arm] = [g["gfid"] for g in json.loads(file.read_text())["generators"]]
-        return out
-    path = results if results is not None else RESULTS
-    rows = {r["key"]: r for r in json.loads(Path(path).read_text())}
-    for arm in arms:
-        if arm not in rows:
-            raise KeyError(
-                f"arm {arm!r} has no row in --results {path} (published: {len(rows)} arms; "
-                "give --runs for a study's own folder)"
-            )
-        out[arm] = [g["gfid"] for g in rows[arm]["generators"]]
-    return out
+        return {arm: [g["gfid"] for g in arm_result(runs, arm)["generators"]] for arm in arms}
+    path = Path(results if results is not None else RESULTS)
+    rows = {r["key"]: r for r in load_rows(path)}
+    missing = [arm for arm in arms if arm not in rows]
+    if missing:
+        raise KeyError(
+            f"arm {missing[0]!r} has no row in --results {path} (published: {len(rows)} arms; "
+            "give --runs for a study's own folder)"
+        )
+    return {arm: [g["gfid"] for g in rows[arm]["generators"]] for arm in arms}
 
 
 def compare(group_a: Sequence[str], group_b: Sequence[str], gfids: dict[str, list[float]]):

@@ -134,6 +134,18 @@ def render_rerun(text: str, published: list[dict[str, Any]], rerun: list[dict[st
     return replace_block(text, *RERUN_MARKERS, rerun_table(published, rerun), "the rerun")
 
 
+def arm_result(runs: Path, arm: str) -> dict[str, Any]:
+    """A finished arm's ``<runs>/arms/<arm>/result.json``; FileNotFoundError naming the arm when
+    it has not finished there."""
+    file = runs / "arms" / arm / "result.json"
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"{file} does not exist: arm {arm!r} has not finished in --runs {runs} (run the study "
+            "for it, or leave it out of --arms)"
+        )
+    return json.loads(file.read_text())
+
+
 def load_rows(path: Path) -> list[dict[str, Any]]:
     """The rows of a results file (``[]`` when it does not exist yet)."""
     return json.loads(path.read_text()) if path.is_file() else []
@@ -155,18 +167,9 @@ def publish(
     rerun_rows = load_rows(root / RERUN)
     new: list[dict[str, Any]] = []
     if runs is not None:
-        files = (
-            [runs / "arms" / a / "result.json" for a in arms]
-            if arms
-            else sorted((runs / "arms").glob("*/result.json"))
-        )
-        for file in files:
-            if not file.is_file():
-                raise FileNotFoundError(
-                    f"{file} does not exist: arm {file.parent.name!r} has not finished in "
-                    f"{runs} (run the study for it, or leave it out of --arms)"
-                )
-            new.append(slim(json.loads(file.read_text())))
+        if not arms:
+            arms = [f.parent.name for f in sorted((runs / "arms").glob("*/result.json"))]
+        new = [slim(arm_result(runs, arm)) for arm in arms]
     arm_files = {a.key: a for a in load_arms(root / ARMS_DIR)}
     if rerun:
         rerun_rows = merge(rerun_rows, new, arm_files)
