@@ -41,6 +41,47 @@ def test_every_shipped_arm_loads_and_names_known_stages():
             assert (ROOT / study.CONFIGS / stage["config"]).is_file()
 
 
+def _arms_table_lists(rows: list[str], key: str) -> bool:
+    """Whether a row of the docs' arms table names arm ``key``: as `` `key` ``, as its base arm
+    with the seed suffix in the same row (`` `base` (and `_seed1`, `_seed2`) ``), or inside a
+    range `` `base_seedA` ... `base_seedB` ``."""
+    import re
+
+    for row in rows:
+        if f"`{key}`" in row:
+            return True
+        if (m := re.fullmatch(r"(.+)_seed(\d+)", key)) is None:
+            continue
+        base, n = m.group(1), int(m.group(2))
+        if f"`{base}`" in row and f"`_seed{n}`" in row:
+            return True
+        for a, b in re.findall(
+            rf"`{re.escape(base)}_seed(\d+)` \.\.\. `{re.escape(base)}_seed(\d+)`", row
+        ):
+            if int(a) <= n <= int(b):
+                return True
+    return False
+
+
+def test_the_docs_arms_table_names_every_arm_file():
+    """Every arm file has a row in docs/reference-study.md's arms table (arms added without
+    one went unnoticed twice), and every arm the table names is a file."""
+    import re
+
+    text = (ROOT / "docs" / "reference-study.md").read_text()
+    section = text.split("## The arms", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    keys = {a.key for a in study.load_arms(ROOT / study.ARMS_DIR)}
+    missing = sorted(k for k in keys if not _arms_table_lists(rows, k))
+    assert not missing, f"arms without a row in the docs' arms table: {missing}"
+    named = {m for row in rows for m in re.findall(r"`([a-z0-9_]+)`", row.split(" | ")[0])}
+    unknown = sorted(k for k in named if not k.startswith("_") and k not in keys)
+    assert not unknown, f"the arms table names arms that have no file: {unknown}"
+    assert not _arms_table_lists(
+        ["| `cfg3_align_seed1` ... `cfg3_align_seed3` | x |"], "cfg3_align_seed4"
+    )
+
+
 def test_the_two_gmm_references_differ_only_in_tying_components_to_classes():
     """``gmm`` draws the image's class's component, ``gmm_free`` (the paper's, data-independent)
     one at random whatever the class; both are the same mixture (same centres)."""
