@@ -14,12 +14,19 @@ after ``--warmup``) and the ratio::
 
     python benchmarks/bench_kl_vae.py
     python benchmarks/bench_kl_vae.py --threads 1
+
+``--widths 32,16`` compares encoder widths instead (the study's ``kl_vae`` and
+``kl_vae_narrow`` arms): the training step (``reuse``) and the no-grad encoding of 500 images
+(what the study's latent cache does per batch) at each ``ch``, with their ratios to the first::
+
+    python benchmarks/bench_kl_vae.py --threads 1 --widths 32,16
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import time
 
 import torch
 from bench_align import RandomImages, timed_fit
@@ -36,13 +43,14 @@ class RecomputeKL(DMVAEModule):
         return self.tokenizer.encoder(x)
 
 
-def run(cls: type[DMVAEModule], args: argparse.Namespace) -> float:
+def build(cls: type[DMVAEModule], ch: int = 32) -> DMVAEModule:
+    """The KL-VAE of the study's arm with a conv encoder of width ``ch``."""
     torch.manual_seed(0)
-    module = cls(
+    return cls(
         stage="pretrain",
         image_channels=1,
         latent_channels=4,
-        encoder={"name": "conv", "ch": 32, "ch_mult": [1, 2, 2], "num_res_blocks": 1},
+        encoder={"name": "conv", "ch": ch, "ch_mult": [1, 2, 2], "num_res_blocks": 1},
         bottleneck_hidden=128,
         bottleneck_gaussian=True,
         decoder={"ch": 16, "ch_mult": [1, 2, 2], "num_res_blocks": 1, "mid_attention": False},
@@ -57,11 +65,48 @@ def run(cls: type[DMVAEModule], args: argparse.Namespace) -> float:
         matching_loss=GaussianKLLoss(),
         matching_weight=1e-9,
     )
+
+
+def run(cls: type[DMVAEModule], args: argparse.Namespace, ch: int = 32) -> float:
+    module = build(cls, ch)
     total = args.warmup + args.steps + 1
     loader = DataLoader(RandomImages(total * args.batch_size), batch_size=args.batch_size)
     ends = timed_fit(module, loader)
     a = args.warmup - 1
     return (ends[a + args.steps] - ends[a]) / args.steps * 1e3
+
+
+@torch.no_grad()
+def encode_ms(ch: int, repeats: int = 4) -> float:
+    """ms to encode one batch of 500 images (eval mode, no grad) with encoder width ``ch``."""
+    tokenizer = build(DMVAEModule, ch).tokenizer.eval()
+    x = torch.rand(500, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    tokenizer.encode(x)  # warm-up
+    start = time.perf_counter()
+    for _ in range(repeats):
+        tokenizer.encode(x)
+    return (time.perf_counter() - start) / repeats * 1e3
+
+
+def compare_widths(widths: list[int], args: argparse.Namespace) -> None:
+    step: dict[int, list[float]] = {w: [] for w in widths}
+    enc: dict[int, list[float]] = {w: [] for w in widths}
+    for r in range(args.rounds):
+        for w in widths[r % len(widths) :] + widths[: r % len(widths)]:
+            step[w].append(run(DMVAEModule, args, w))
+            enc[w].append(encode_ms(w))
+    print(
+        f"KL-VAE encoder widths, batch {args.batch_size}, {torch.get_num_threads()} threads; "
+        f"median of {args.rounds} rounds"
+    )
+    base = widths[0]
+    s0, e0 = statistics.median(step[base]), statistics.median(enc[base])
+    for w in widths:
+        s, e = statistics.median(step[w]), statistics.median(enc[w])
+        print(
+            f"  ch {w:<3} train step {s:8.1f} ms ({s / s0:.3f}x)   "
+            f"encode 500 images {e:8.1f} ms ({e / e0:.3f}x)"
+        )
 
 
 def main() -> None:
@@ -71,9 +116,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="steps per timed window")
     parser.add_argument("--rounds", type=int, default=3, help="rounds, variant order rotated")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--widths", default=None, help="comma-separated encoder widths to compare instead"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.widths:
+        compare_widths([int(w) for w in args.widths.split(",")], args)
+        return
     variants = {"reuse": DMVAEModule, "recompute": RecomputeKL}
     names = list(variants)
     samples: dict[str, list[float]] = {name: [] for name in names}
