@@ -409,7 +409,8 @@ def test_a_stage_checkpoint_without_its_seconds_is_resumed_not_taken_as_finished
     s = study.Study(runs, root=ROOT, seeds=[0], quick=True, log=lambda _: None)
     ckpt = runs / "arms" / "x" / "tokenizer_0_align.ckpt"
     ckpt.parent.mkdir(parents=True)
-    ckpt.write_bytes(b"epoch 1 of 3")
+    # an epoch-end save whose Timer state says 1000 s of training went into it
+    torch.save({"callbacks": {"Timer": {"time_elapsed": {"train": 1000.0}}}}, ckpt)
     calls: list[list[str]] = []
 
     def fit(args: list[str]) -> None:
@@ -417,9 +418,11 @@ def test_a_stage_checkpoint_without_its_seconds_is_resumed_not_taken_as_finished
         ckpt.write_bytes(b"finished")
 
     monkeypatch.setattr(dmvae_lightning.cli, "main", fit)
-    s._fit("align.yaml", {}, ckpt, "arms/x/align", None)
+    seconds = s._fit("align.yaml", {}, ckpt, "arms/x/align", None)
     assert len(calls) == 1 and calls[0][-2:] == ["--ckpt_path", str(ckpt)]
-    assert s.seconds_file(ckpt).is_file()
+    # the interrupted piece's seconds are added to this (instant) one's
+    assert 1000.0 <= seconds < 1010.0
+    assert float(s.seconds_file(ckpt).read_text()) == pytest.approx(seconds, abs=0.1)
     assert s._fit("align.yaml", {}, ckpt, "arms/x/align", None) == 0.0 and len(calls) == 1
     # a stage with no checkpoint yet starts from scratch
     fresh = ckpt.with_name("tokenizer_1_finetune.ckpt")
@@ -431,3 +434,50 @@ def test_a_stage_checkpoint_without_its_seconds_is_resumed_not_taken_as_finished
     monkeypatch.setattr(dmvae_lightning.cli, "main", fit_fresh)
     s._fit("finetune.yaml", {}, fresh, "arms/x/finetune", None)
     assert "--ckpt_path" not in calls[-1]
+
+
+def test_trained_seconds_reads_lightnings_timer_from_a_real_checkpoint_and_adds_up_pieces(
+    tmp_path,
+):
+    """The study's stages carry Lightning's ``Timer``; its state in an epoch-end checkpoint is
+    what ``trained_seconds`` reads. A fit resumed from that checkpoint continues the count, so
+    the second save holds both pieces' seconds."""
+    import time
+
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.callbacks import Callback, ModelCheckpoint, Timer
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from dmvae_lightning.study.driver import trained_seconds
+
+    class Slow(Callback):  # 0.05 s per batch: elapsed seconds well above timer noise
+        def on_train_batch_end(self, *args, **kwargs):
+            time.sleep(0.05)
+
+    def fit(epochs: int, ckpt_path: str | None) -> None:
+        trainer = Trainer(
+            max_epochs=epochs,
+            limit_train_batches=4,
+            limit_val_batches=0,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=tmp_path,
+            callbacks=[
+                ModelCheckpoint(dirpath=tmp_path, filename="stage", enable_version_counter=False),
+                Timer(),
+                Slow(),
+            ],
+        )
+        trainer.fit(BoringModel(), ckpt_path=ckpt_path)
+
+    ckpt = tmp_path / "stage.ckpt"
+    fit(1, None)
+    first = trained_seconds(ckpt)
+    assert first >= 4 * 0.05
+    fit(2, str(ckpt))  # the second epoch, resumed
+    both = trained_seconds(ckpt)
+    assert both >= first + 4 * 0.05
+    # a checkpoint written without the Timer reads as 0 s, not as an error
+    torch.save({"callbacks": {}}, tmp_path / "old.ckpt")
+    assert trained_seconds(tmp_path / "old.ckpt") == 0.0

@@ -91,6 +91,77 @@ def test_plan_orders_shared_stages_arms_and_seeds_and_leaves_out_finished_work(t
     assert not any("kl_vae" in u.name for u in plan(st, arms))
 
 
+def test_a_control_not_run_itself_gets_a_tokenizer_unit_until_it_is_trained(tmp_path):
+    """cfg3's evaluation encodes with its control's (``ablation``) tokenizer. Run without it,
+    the control's tokenizer is a unit of its own (before the arms, needing what that tokenizer
+    needs, not the FID net), not a stage hidden in cfg3's evaluation; run with it, the
+    control's arm unit trains it; trained, or with cfg3 already evaluated, it drops out."""
+    st = make_study(tmp_path)
+    units = {u.name: set(u.needs) for u in plan(st, [st.arm("cfg3")])}
+    assert units["control:ablation"] == {
+        "shared:classifier",
+        "shared:tokenizer_supervised",
+        "shared:reference_supervised",
+    }
+    order = list(units)
+    assert order.index("control:ablation") < order.index("arm:cfg3")
+    assert "control:ablation" not in units["arm:cfg3"]  # they train at once
+    both = [st.arm("cfg3"), st.arm("ablation")]
+    assert not any(n.startswith("control:") for n in (u.name for u in plan(st, both)))
+    # only the first of the control's two stages finished: still a unit
+    cfg3_dir = st.runs / "arms" / "cfg3"  # cfg3 evaluated already: no control needed
+    (cfg3_dir / "latents").mkdir(parents=True)
+    for path in ("tokenizer.json", "latents/train.seconds", "latents/val.seconds"):
+        (cfg3_dir / path).write_text("1.0\n")
+    assert not any(u.name.startswith("control:") for u in plan(st, [st.arm("cfg3")]))
+    for path in ("tokenizer.json", "latents/train.seconds", "latents/val.seconds"):
+        (cfg3_dir / path).unlink()
+    first, last = st.tokenizer_checkpoints(st.arm("ablation"))
+    first.parent.mkdir(parents=True)
+    for path in (first, st.seconds_file(first), last):
+        path.write_text("1.0\n")
+    assert not st.tokenizer_trained(st.arm("ablation"))
+    assert "control:ablation" in {u.name for u in plan(st, [st.arm("cfg3")])}
+    st.seconds_file(last).write_text("1.0\n")
+    assert st.tokenizer_trained(st.arm("ablation"))
+    assert "control:ablation" not in {u.name for u in plan(st, [st.arm("cfg3")])}
+
+
+def test_run_unit_dispatches_each_kind_and_names_the_kinds_of_an_unknown_one():
+    from dmvae_lightning.study.parallel import run_unit
+
+    calls: list[tuple[str, str]] = []
+
+    class Stub:
+        def arm(self, key):
+            return key
+
+        def shared(self, name):
+            calls.append(("shared", name))
+
+        def prepare_arm(self, arm):
+            calls.append(("prepare", arm))
+            return "tok", None, "cache"
+
+        def tokenizer(self, arm):
+            calls.append(("tokenizer", arm))
+
+        def run_seed(self, arm, tokenizer, cache, seed):
+            calls.append(("seed", f"{arm}/{tokenizer}/{cache}/{seed}"))
+
+    for unit in ("shared:fid_net", "arm:cfg3", "control:ablation", "seed:cfg3:2"):
+        run_unit(Stub(), unit)
+    assert calls == [
+        ("shared", "fid_net"),
+        ("prepare", "cfg3"),
+        ("tokenizer", "ablation"),  # the control's tokenizer only: no evaluation, no cache
+        ("prepare", "cfg3"),
+        ("seed", "cfg3/tok/cache/2"),
+    ]
+    with pytest.raises(ValueError, match="control:<arm>"):
+        run_unit(Stub(), "generator:cfg3")
+
+
 def _sleeper(tmp_path: Path, fail: str | None = None, slow: str | None = None):
     """A worker command that sleeps 0.4 s (unit ``slow``: 2 s), records its start and end times
     and its thread count in <unit>.json, and exits 3 for unit ``fail``."""

@@ -67,6 +67,16 @@ def write_json(path: Path, value: Any) -> None:
     os.replace(tmp, path)
 
 
+def trained_seconds(ckpt: Path) -> float:
+    """Training seconds already in ``ckpt``, an interrupted stage's epoch-end save: what
+    Lightning's ``Timer`` callback (which :meth:`Study._train` adds to every stage) recorded up
+    to that save, earlier resumed pieces included. 0 for a checkpoint written without it (by a
+    study older than the callback)."""
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    timer = state.get("callbacks", {}).get("Timer", {})
+    return float(timer.get("time_elapsed", {}).get("train", 0.0))
+
+
 @contextlib.contextmanager
 def stage_lock(path: Path) -> Iterator[None]:
     """Hold an exclusive lock on ``<path>.lock`` (``path`` with its suffix replaced) for the
@@ -157,6 +167,20 @@ class Study:
             self.seconds_file(arm_dir / "latents" / split).is_file() for split in ("train", "val")
         )
 
+    def tokenizer_checkpoints(self, arm: Arm) -> list[Path]:
+        """Where the arm's tokenizer stages write their checkpoints, in order
+        (``arms/<arm>/tokenizer_<i>_<kind>.ckpt``); trains nothing (:meth:`tokenizer` does)."""
+        return [
+            self.arm_dir(arm) / f"tokenizer_{i}_{stage_kind(stage['config'])}.ckpt"
+            for i, stage in enumerate(arm.tokenizer)
+        ]
+
+    def tokenizer_trained(self, arm: Arm) -> bool:
+        """Whether every tokenizer stage of ``arm`` has finished (checkpoint and seconds)."""
+        return all(
+            c.is_file() and self.seconds_file(c).is_file() for c in self.tokenizer_checkpoints(arm)
+        )
+
     # ---------------------------------------------------------------- running stages
     def _resolve(self, value: Any) -> Any:
         if isinstance(value, str) and value.startswith("@runs"):
@@ -207,7 +231,8 @@ class Study:
         """:meth:`_fit`'s training (``overlay`` resolved, the stage not finished, its lock
         held). A ``ckpt`` already there (an interrupted stage's last epoch-end save) is resumed
         with ``--ckpt_path``: weights, optimizers, step counters and data order, exactly; the
-        seconds recorded are then those after the resume."""
+        seconds recorded are then those of this piece plus the training seconds the checkpoint
+        holds (:func:`trained_seconds`; work redone after the last save counts once)."""
         from dmvae_lightning.cli import main as cli_main
 
         paths = {
@@ -225,7 +250,10 @@ class Study:
                             "filename": ckpt.stem,
                             "enable_version_counter": False,
                         },
-                    }
+                    },
+                    # its state (training seconds so far) goes into every save: a resumed
+                    # stage's seconds add up its pieces (trained_seconds)
+                    {"class_path": "lightning.pytorch.callbacks.Timer"},
                 ],
                 "enable_progress_bar": False,
                 "enable_model_summary": False,
@@ -243,8 +271,13 @@ class Study:
         overlay_file = ckpt.with_suffix(".overlay.yaml")
         overlay_file.write_text(yaml.safe_dump(full, sort_keys=False))
         args = ["fit", "--config", str(self.configs / config), "--config", str(overlay_file)]
+        before = 0.0
         if ckpt.is_file():
-            self.log(f"[study] resume {config} from {ckpt.relative_to(self.runs)} (interrupted)")
+            before = trained_seconds(ckpt)
+            self.log(
+                f"[study] resume {config} from {ckpt.relative_to(self.runs)} (interrupted after"
+                f" {before:.0f} s of training)"
+            )
             args += ["--ckpt_path", str(ckpt)]
         else:
             self.log(f"[study] fit {config} -> {ckpt.relative_to(self.runs)}")
@@ -252,7 +285,7 @@ class Study:
         cli_main(args)
         if not ckpt.is_file():
             raise RuntimeError(f"dmvae fit {config} finished without writing {ckpt}")
-        return self._write_seconds(ckpt, tb_name, time.perf_counter() - start)
+        return self._write_seconds(ckpt, tb_name, before + time.perf_counter() - start)
 
     @staticmethod
     def seconds_file(path: Path) -> Path:
@@ -299,8 +332,8 @@ class Study:
         """The arm's final tokenizer checkpoint (its stages trained in order)."""
         prev = self.shared(REFERENCES[arm.reference].tokenizer) if arm.reference else None
         encoder = ENCODER_OF.get(REFERENCES[arm.reference].tokenizer) if arm.reference else None
-        arm_dir = self.arm_dir(arm)
-        for i, stage in enumerate(arm.tokenizer):
+        ckpts = self.tokenizer_checkpoints(arm)
+        for i, (stage, ckpt) in enumerate(zip(arm.tokenizer, ckpts, strict=True)):
             kind = stage_kind(stage["config"])
             model: dict[str, Any] = {}
             if stage.get("from") != "scratch":
@@ -317,7 +350,6 @@ class Study:
             overlay = merge(
                 {"model": {"init_args": model}}, load_overlay(stage.get("overlay"), self.configs)
             )
-            ckpt = arm_dir / f"tokenizer_{i}_{kind}.ckpt"
             self._fit(stage["config"], overlay, ckpt, f"{arm.key}/{i}_{kind}", None)
             prev = ckpt
         if prev is None:
@@ -470,7 +502,13 @@ class Study:
             )
             out.update(d)
             if arm.ablation:
-                abl_tok = load_tokenizer(self.tokenizer(self.arm(arm.ablation)))
+                control = self.arm(arm.ablation)
+                if not self.tokenizer_trained(control):  # say so: it can be a long stage
+                    self.log(
+                        f"[study] {arm.key}: its control {control.key}'s tokenizer is not"
+                        " trained yet; training it for the latent-distance column"
+                    )
+                abl_tok = load_tokenizer(self.tokenizer(control))
                 zab = in_chunks(abl_tok.encode, self.train_subset(self.sizes["distance"], 99)[0])
                 out.update(
                     {f"ablation_{k}": v for k, v in self.distances(zab, arm.reference).items()}

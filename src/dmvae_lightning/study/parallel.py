@@ -5,6 +5,10 @@ NAME`` in a fresh process with ``--threads T`` torch threads:
 
 * ``shared:<stage>``: a shared stage (classifier, FID net, stage-1 tokenizer, reference model);
 * ``arm:<arm>``: an arm's tokenizer stages, their evaluation and its latent cache;
+* ``control:<arm>``: the tokenizer stages of arm ``<arm>`` alone, when it is the control
+  (``ablation``) of an arm being run but is not run itself: the arm's evaluation encodes with
+  it (the latent-distance column), and as a unit of its own it trains beside the arm and shows
+  in the plan, instead of inside the arm's evaluation;
 * ``seed:<arm>:<seed>``: one generator of an arm, trained and evaluated.
 
 A unit starts when the units it needs have finished (:func:`plan` names them); at most ``jobs``
@@ -66,9 +70,9 @@ def stage_needs(name: str) -> set[str]:
     return named_stages(SHARED[name].overlay)
 
 
-def arm_needs(arm: Arm, configs: Path) -> set[str]:
-    """The shared stages ``arm``'s tokenizer stages and evaluation use (direct ones)."""
-    needs = {"fid_net"}  # rFID of the tokenizer, gFID of the generators
+def tokenizer_needs(arm: Arm, configs: Path) -> set[str]:
+    """The shared stages ``arm``'s tokenizer stages use (direct ones)."""
+    needs: set[str] = set()
     if arm.reference:
         ref = REFERENCES[arm.reference]
         needs |= {ref.tokenizer, ref.model}
@@ -77,14 +81,21 @@ def arm_needs(arm: Arm, configs: Path) -> set[str]:
         needs |= named_stages(ref.source)
     for stage in arm.tokenizer:
         needs |= named_stages(load_overlay(stage.get("overlay"), configs))
+    return needs
+
+
+def arm_needs(arm: Arm, configs: Path) -> set[str]:
+    """The shared stages ``arm``'s tokenizer stages and evaluation use (direct ones)."""
+    needs = tokenizer_needs(arm, configs) | {"fid_net"}  # rFID of the tokenizer, gFID
     return needs | named_stages(load_overlay(arm.generator, configs))
 
 
 def plan(study: Any, arms: Sequence[Arm]) -> list[Unit]:
     """The units left to run for ``arms`` of ``study`` (a :class:`Study`), in a good start
-    order: shared stages first, then the arms' tokenizers, then their generators. Finished
-    work (checkpoints, prepared arms, ``result.json`` / ``generator_seed<s>.json`` of these
-    seeds) is left out, and so are the needs on it."""
+    order: shared stages first, then the tokenizers of controls not run themselves, then the
+    arms' tokenizers, then their generators. Finished work (checkpoints, prepared arms,
+    trained controls, ``result.json`` / ``generator_seed<s>.json`` of these seeds) is left
+    out, and so are the needs on it."""
     units: dict[str, Unit] = {}
 
     def done_stage(name: str) -> bool:
@@ -100,14 +111,23 @@ def plan(study: Any, arms: Sequence[Arm]) -> list[Unit]:
         units[key] = Unit(key, tuple(needs))
         return key
 
+    control_units: dict[str, Unit] = {}
     arm_units: list[Unit] = []
     seed_units: list[Unit] = []
+    running = {arm.key for arm in arms}
     for arm in arms:
         if study.finished(arm) is not None:
             continue
-        # no need on the ablation's unit, although the evaluation encodes with its tokenizer:
-        # both train at once, and the evaluation waits on the ablation's stage locks (or
-        # trains them) only if it gets there first
+        # the arm's evaluation encodes with its control's tokenizer; a control not run here
+        # gets a unit of its own. No need on it (nor on the control's arm unit): both train
+        # at once, and the evaluation waits on the control's stage locks (or trains them)
+        # only if it gets there first
+        if arm.ablation and arm.ablation not in running and not study.arm_prepared(arm):
+            control = study.arm(arm.ablation)
+            key = f"control:{control.key}"
+            if key not in control_units and not study.tokenizer_trained(control):
+                deps = sorted(tokenizer_needs(control, study.configs))
+                control_units[key] = Unit(key, tuple(k for d in deps if (k := add_stage(d))))
         needs = tuple(k for dep in sorted(arm_needs(arm, study.configs)) if (k := add_stage(dep)))
         if study.arm_prepared(arm):  # its seeds read the tokenizer and caches back
             seed_needs = needs
@@ -117,7 +137,7 @@ def plan(study: Any, arms: Sequence[Arm]) -> list[Unit]:
         for seed in study.seeds:
             if not study.seed_file(arm, seed).is_file():
                 seed_units.append(Unit(f"seed:{arm.key}:{seed}", seed_needs))
-    return list(units.values()) + arm_units + seed_units
+    return list(units.values()) + list(control_units.values()) + arm_units + seed_units
 
 
 def log_name(unit: str) -> str:
@@ -224,13 +244,17 @@ def run_unit(study: Any, name: str) -> None:
         study.shared(rest)
     elif kind == "arm":
         study.prepare_arm(study.arm(rest))
+    elif kind == "control":
+        study.tokenizer(study.arm(rest))
     elif kind == "seed":
         key, _, seed = rest.rpartition(":")
         arm = study.arm(key)
         tokenizer, _, cache = study.prepare_arm(arm)  # read back: the arm unit ran first
         study.run_seed(arm, tokenizer, cache, int(seed))
     else:
-        raise ValueError(f"unknown study unit {name!r} (shared:<stage>, arm:<arm>, seed:<arm>:<n>)")
+        raise ValueError(
+            f"unknown study unit {name!r} (shared:<stage>, arm:<arm>, control:<arm>, seed:<arm>:<n>)"
+        )
 
 
 def worker_command(argv: Sequence[str]) -> Callable[[str, int], list[str]]:
