@@ -253,7 +253,11 @@ class Study:
                     },
                     # its state (training seconds so far) goes into every save: a resumed
                     # stage's seconds add up its pieces (trained_seconds)
-                    {"class_path": "lightning.pytorch.callbacks.Timer"},
+                    # (interval given: its default is an Enum the saved config cannot hold)
+                    {
+                        "class_path": "lightning.pytorch.callbacks.Timer",
+                        "init_args": {"interval": "step"},
+                    },
                 ],
                 "enable_progress_bar": False,
                 "enable_model_summary": False,
