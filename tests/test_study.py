@@ -120,6 +120,10 @@ def test_arm_file_errors_name_the_problem(tmp_path):
     )
     with pytest.raises(ValueError, match="model.init_args.seed and data.init_args.seed"):
         study.Arm.from_file(bad)
+    for curve in ("{series: a}", "{series: a, vae_steps: 0}", "{series: '', vae_steps: 5}"):
+        bad.write_text(f"title: x\nreference: supervised\ntokenizer: []\ncurve: {curve}\n")
+        with pytest.raises(ValueError, match="curve is"):
+            study.Arm.from_file(bad)
     with pytest.raises(ValueError, match="unknown arm"):
         study.load_arms(ROOT / study.ARMS_DIR, names=["no_such_arm"])
 

@@ -130,3 +130,53 @@ def test_publish_rerun_compares_without_touching_the_published_rows(docs_root: P
     assert page.read_text() == text
     with pytest.raises(ValueError, match="study-rerun"):
         publish.render_rerun("no block\n", rows, rerun)
+
+
+def test_curves_pool_the_seeds_of_every_arm_at_one_length_and_sort_by_steps():
+    """Two alignment seeds at 2900 steps pool into one point (mean and sample std of all six
+    generator seeds, PSNR averaged); rows without a curve stay off the figure."""
+    from dmvae_lightning.study.report import curves, steps_figure
+
+    rows = [
+        _row("long_seed1", [2.0, 2.2, 2.4]),
+        _row("short", [3.0, 3.1, 3.2]),
+        _row("long", [2.1, 2.3, 2.5]),
+        _row("kl", [2.6, 2.8, 2.7]),
+        _row("off_curve", [9.0, 9.0, 9.0]),
+    ]
+    for row, steps, series in (
+        (rows[0], 2900, "dmvae"),
+        (rows[1], 850, "dmvae"),
+        (rows[2], 2900, "dmvae"),
+        (rows[3], 2900, "kl"),
+    ):
+        row["curve"] = {"series": series, "vae_steps": steps}
+    rows[0]["tokenizer"]["psnr"] = 23.0
+    rows[2]["tokenizer"]["psnr"] = 24.0
+    out = curves(rows)
+    assert sorted(out) == ["dmvae", "kl"]
+    short, long = out["dmvae"]
+    assert (short["vae_steps"], long["vae_steps"]) == (850, 2900)
+    assert short["gfid_mean"] == pytest.approx(3.1) and short["n"] == 3
+    pooled = [2.0, 2.2, 2.4, 2.1, 2.3, 2.5]
+    mean = sum(pooled) / 6
+    std = (sum((g - mean) ** 2 for g in pooled) / 5) ** 0.5
+    assert long["gfid_mean"] == pytest.approx(mean) and long["gfid_std"] == pytest.approx(std)
+    assert long["n"] == 6 and long["psnr"] == pytest.approx(23.5)
+    assert sorted(long["arms"]) == ["long", "long_seed1"]
+    fig = steps_figure(rows)
+    ax_g = fig.axes[0]
+    assert [t.get_text() for t in ax_g.get_legend().get_texts()] == ["dmvae", "kl"]
+
+
+def test_publish_takes_each_rows_curve_from_its_arm_file():
+    """The shipped step-matched arms carry a curve; merging re-reads it from the arm files, so
+    a row whose arm lost its curve loses it too."""
+    rows = publish.merge(
+        [_row("kl_vae_narrow_kl1e5_xxlong", [2.5, 2.4, 2.6]), _row("cfg3", [2.9, 3.0, 2.8])],
+        [],
+        {a.key: a for a in publish.load_arms(ROOT / publish.ARMS_DIR)},
+    )
+    by_key = {r["key"]: r for r in rows}
+    assert by_key["kl_vae_narrow_kl1e5_xxlong"]["curve"]["vae_steps"] == 2900
+    assert "curve" not in by_key["cfg3"]

@@ -240,7 +240,7 @@ ENCODER_OF = {"tokenizer_supervised": "classifier", "tokenizer_ssl": "ssl"}
 #: The keys of an arm file.
 ARM_KEYS = frozenset(
     {"title", "table", "order", "reference", "tokenizer", "generator", "ablation", "extends"}
-    | {"tokenizer_seed"}
+    | {"tokenizer_seed", "curve"}
 )
 
 
@@ -294,8 +294,10 @@ class Arm:
     matching-weight-0 control), and two shorthands: ``extends: <arm>`` takes every key of that
     arm's file and replaces the ones given here; ``tokenizer_seed: N`` sets
     ``model.init_args.seed`` and ``data.init_args.seed`` to N in every tokenizer stage (an
-    alignment seed). :attr:`tokenizer` holds the stages with their overlays resolved to
-    mappings."""
+    alignment seed). Optional ``curve: {series: <name>, vae_steps: <n>}`` places the arm on a
+    training-length curve of the docs' steps figure (arms of one series at one ``vae_steps``
+    are pooled: alignment or tokenizer seeds). :attr:`tokenizer` holds the stages with their
+    overlays resolved to mappings."""
 
     key: str
     title: str
@@ -306,6 +308,7 @@ class Arm:
     generator: dict[str, Any]
     ablation: str | None = None
     source: Path | None = None
+    curve: dict[str, Any] | None = None
 
     @property
     def stage_seeds(self) -> list[tuple[Any, Any]]:
@@ -351,6 +354,19 @@ class Arm:
                     f"{configs}"
                 )
             stages.append({**stage, "overlay": overlay})
+        curve = spec.get("curve")
+        if curve is not None and not (
+            isinstance(curve, dict)
+            and set(curve) == {"series", "vae_steps"}
+            and isinstance(curve["series"], str)
+            and curve["series"]
+            and isinstance(curve["vae_steps"], int)
+            and not isinstance(curve["vae_steps"], bool)
+            and curve["vae_steps"] > 0
+        ):
+            raise ValueError(
+                f"{path}: curve is {{series: <name>, vae_steps: <positive integer>}}, got {curve!r}"
+            )
         if reference is None and (not stages or stages[0].get("from") != "scratch"):
             raise ValueError(
                 f"{path}: an arm without `reference` must train its tokenizer `from: scratch`"
@@ -365,6 +381,7 @@ class Arm:
             generator=dict(spec.get("generator") or {}),
             ablation=spec.get("ablation"),
             source=path,
+            curve=curve,
         )
 
 

@@ -30,13 +30,17 @@ from pathlib import Path
 from typing import Any
 
 from dmvae_lightning.study.arms import ARMS_DIR, load_arms
-from dmvae_lightning.study.report import arm_table, gfid_figure, psnr_gfid_figure
+from dmvae_lightning.study.report import arm_table, gfid_figure, psnr_gfid_figure, steps_figure
 
 RESULTS = Path("docs/study_results.json")
 RERUN = Path("docs/study_rerun_results.json")
 RERUN_MARKERS = ("<!-- study-rerun -->", "<!-- /study-rerun -->")
 DOC = Path("docs/reference-study.md")
-FIGURES = {"gfid": Path("docs/study_gfid.png"), "psnr_vs_gfid": Path("docs/study_psnr_vs_gfid.png")}
+FIGURES = {
+    "gfid": Path("docs/study_gfid.png"),
+    "psnr_vs_gfid": Path("docs/study_psnr_vs_gfid.png"),
+    "steps": Path("docs/study_steps.png"),
+}
 #: the parts of an arm's result.json that the docs keep (no paths, no per-stage timings)
 ROW_KEYS = (
     "key",
@@ -67,13 +71,17 @@ def merge(
 ) -> list[dict[str, Any]]:
     """``rows`` with each of ``new`` replacing the row of the same ``key`` (or added); a row
     whose arm is in ``arms`` (key -> :class:`~dmvae_lightning.study.arms.Arm`) takes its title,
-    table and order from it. Sorted by (table, order)."""
+    table, order and ``curve`` (dropped when the arm has none) from it. Sorted by (table,
+    order)."""
     by_key = {r["key"]: r for r in rows}
     for row in new:
         by_key[row["key"]] = row
     for key, row in by_key.items():
         if (arm := arms.get(key)) is not None:
             row.update(title=arm.title, table=arm.table, order=arm.order)
+            row.pop("curve", None)
+            if arm.curve is not None:
+                row["curve"] = dict(arm.curve)
     return sorted(by_key.values(), key=lambda r: (r["table"], r["order"]))
 
 
@@ -185,6 +193,8 @@ def publish(
 
         save_figure(gfid_figure(rows), root / FIGURES["gfid"])
         save_figure(psnr_gfid_figure(rows), root / FIGURES["psnr_vs_gfid"])
+        if any("curve" in r for r in rows):
+            save_figure(steps_figure(rows), root / FIGURES["steps"])
     return rows
 
 

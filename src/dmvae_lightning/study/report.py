@@ -1,9 +1,11 @@
 """The study's report: mean +- std over seeds, the markdown tables of ``study.md`` and the
-figures (gFID per arm, PSNR vs gFID, latent PCA). Works on the JSON rows only."""
+figures (gFID per arm, PSNR vs gFID, gFID and PSNR against training length, latent PCA). Works
+on the JSON rows only."""
 
 from __future__ import annotations
 
 import math
+import statistics
 from typing import Any
 
 import torch
@@ -165,6 +167,74 @@ def psnr_gfid_figure(rows: list[dict[str, Any]]):
     ax.set_xlabel("PSNR (dB)")
     ax.set_ylabel("gFID")
     ax.set_title("reconstruction vs generation", fontsize=9)
+    return fig
+
+
+def curves(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """The training-length curves of ``rows`` (those with a ``curve``): per series, one point
+    per ``vae_steps`` in increasing order, pooling every generator seed of the arms there
+    (alignment or tokenizer seeds): ``{"vae_steps", "gfid_mean", "gfid_std"`` (sample std of
+    the pooled seeds), ``"n"`` (seeds), ``"psnr"`` (mean over the arms' tokenizers),
+    ``"arms"}``."""
+    groups: dict[str, dict[int, list[dict[str, Any]]]] = {}
+    for row in rows:
+        if (curve := row.get("curve")) is not None:
+            series = groups.setdefault(curve["series"], {})
+            series.setdefault(curve["vae_steps"], []).append(row)
+    out: dict[str, list[dict[str, Any]]] = {}
+    for name, by_steps in groups.items():
+        points = []
+        for steps in sorted(by_steps):
+            arms = by_steps[steps]
+            gfids = [g["gfid"] for r in arms for g in r["generators"]]
+            points.append(
+                {
+                    "vae_steps": steps,
+                    "gfid_mean": statistics.fmean(gfids),
+                    "gfid_std": statistics.stdev(gfids) if len(gfids) > 1 else 0.0,
+                    "n": len(gfids),
+                    "psnr": statistics.fmean(r["tokenizer"]["psnr"] for r in arms),
+                    "arms": [r["key"] for r in arms],
+                }
+            )
+        out[name] = points
+    return out
+
+
+def steps_figure(rows: list[dict[str, Any]]):
+    """gFID (mean ± std over the pooled seeds) and PSNR against the tokenizer's VAE training
+    steps, one line per ``curve`` series (:func:`curves`): which family gains from training
+    longer, compared at equal steps."""
+    fig = _fig(figsize=(10, 4), layout="constrained")
+    ax_g, ax_p = fig.subplots(1, 2)
+    for name, points in curves(rows).items():
+        x = [p["vae_steps"] for p in points]
+        line = ax_g.errorbar(
+            x,
+            [p["gfid_mean"] for p in points],
+            yerr=[p["gfid_std"] for p in points],
+            fmt="o-",
+            capsize=3,
+            label=name,
+        )
+        for p in points:
+            ax_g.annotate(
+                f"n {p['n']}",
+                (p["vae_steps"], p["gfid_mean"]),
+                fontsize=6,
+                xytext=(4, -8),
+                textcoords="offset points",
+            )
+        ax_p.plot(x, [p["psnr"] for p in points], "o-", color=line.lines[0].get_color())
+    ax_g.set_xlabel("tokenizer VAE steps (all stages)")
+    ax_g.set_ylabel("gFID (mean ± std over pooled seeds)")
+    ax_g.grid(alpha=0.3)
+    ax_g.legend(fontsize=7)
+    ax_g.set_title("generation against training length", fontsize=9)
+    ax_p.set_xlabel("tokenizer VAE steps (all stages)")
+    ax_p.set_ylabel("PSNR (dB)")
+    ax_p.grid(alpha=0.3)
+    ax_p.set_title("reconstruction against training length", fontsize=9)
     return fig
 
 
