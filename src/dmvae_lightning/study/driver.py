@@ -177,9 +177,7 @@ class Study:
 
     def tokenizer_trained(self, arm: Arm) -> bool:
         """Whether every tokenizer stage of ``arm`` has finished (checkpoint and seconds)."""
-        return all(
-            c.is_file() and self.seconds_file(c).is_file() for c in self.tokenizer_checkpoints(arm)
-        )
+        return all(self.stage_finished(c) for c in self.tokenizer_checkpoints(arm))
 
     # ---------------------------------------------------------------- running stages
     def _resolve(self, value: Any) -> Any:
@@ -220,10 +218,16 @@ class Study:
         ``<ckpt>.seconds`` is written once ``dmvae fit`` has returned. A checkpoint without it
         is the epoch-end save of a multi-epoch stage that was killed, not a finished stage:
         :meth:`_train` resumes it."""
-        if ckpt.is_file() and self.seconds_file(ckpt).is_file():
+        if self.stage_finished(ckpt):
             self._read_seconds(ckpt, name)
             return True
         return False
+
+    @classmethod
+    def stage_finished(cls, ckpt: Path) -> bool:
+        """Whether the stage writing ``ckpt`` finished: the checkpoint and its ``.seconds``
+        (written once ``dmvae fit`` has returned) are both there."""
+        return ckpt.is_file() and cls.seconds_file(ckpt).is_file()
 
     def _train(
         self, config: str, overlay: dict[str, Any], ckpt: Path, tb_name: str, seed: int | None

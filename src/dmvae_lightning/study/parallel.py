@@ -122,14 +122,15 @@ def plan(study: Any, arms: Sequence[Arm]) -> list[Unit]:
         # gets a unit of its own. No need on it (nor on the control's arm unit): both train
         # at once, and the evaluation waits on the control's stage locks (or trains them)
         # only if it gets there first
-        if arm.ablation and arm.ablation not in running and not study.arm_prepared(arm):
+        prepared = study.arm_prepared(arm)
+        if arm.ablation and arm.ablation not in running and not prepared:
             control = study.arm(arm.ablation)
             key = f"control:{control.key}"
             if key not in control_units and not study.tokenizer_trained(control):
                 deps = sorted(tokenizer_needs(control, study.configs))
                 control_units[key] = Unit(key, tuple(k for d in deps if (k := add_stage(d))))
         needs = tuple(k for dep in sorted(arm_needs(arm, study.configs)) if (k := add_stage(dep)))
-        if study.arm_prepared(arm):  # its seeds read the tokenizer and caches back
+        if prepared:  # its seeds read the tokenizer and caches back
             seed_needs = needs
         else:
             seed_needs = (f"arm:{arm.key}",)

@@ -186,13 +186,14 @@ def curves(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
         points = []
         for steps in sorted(by_steps):
             arms = by_steps[steps]
-            gfids = [g["gfid"] for r in arms for g in r["generators"]]
+            pooled = [g for r in arms for g in r["generators"]]
+            summary = summarize(pooled)
             points.append(
                 {
                     "vae_steps": steps,
-                    "gfid_mean": statistics.fmean(gfids),
-                    "gfid_std": statistics.stdev(gfids) if len(gfids) > 1 else 0.0,
-                    "n": len(gfids),
+                    "gfid_mean": summary["gfid_mean"],
+                    "gfid_std": summary["gfid_std"],
+                    "n": len(pooled),
                     "psnr": statistics.fmean(r["tokenizer"]["psnr"] for r in arms),
                     "arms": [r["key"] for r in arms],
                 }
