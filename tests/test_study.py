@@ -338,6 +338,20 @@ def test_quick_study_end_to_end_and_resume(tmp_path, fashion_mnist_root):
     )
     assert resumed["stage_seconds"] >= sum(resumed["timings"].values()) > 0
 
+    # another generator budget in the same folder trains generators only, on the same
+    # tokenizer and caches, into files named by the budget; the default's stay as they were
+    default_result = (runs / "arms" / "gaussian" / "result.json").read_text()
+    longer = study.Study(runs, root=ROOT, seeds=[0], quick=True, generator_steps=1500)
+    longer_report = longer.run(study.load_arms(ROOT / study.ARMS_DIR, names=["gaussian"]))
+    assert list(longer.timings) == ["gaussian/generator_steps1500_seed0"]
+    longer_row = json.loads((runs / "arms" / "gaussian" / "result_steps1500.json").read_text())
+    assert longer_row["generator_steps"] == 1500 and longer_row["seeds"] == [0]
+    assert longer_row["tokenizer"] == resumed["tokenizer"]
+    assert [r["key"] for r in longer_report["arms"]] == ["gaussian"]
+    assert (runs / "arms" / "gaussian" / "result.json").read_text() == default_result
+    assert (runs / "study_steps1500.md").is_file() and (runs / "figures_steps1500").is_dir()
+    assert json.loads((runs / "study.json").read_text())["generator_steps"] == 600
+
     # the diffusion-noise reference reads the stage-1 latents from a latent cache encoded once
     # (no encoder pass per batch): z_t = 0.5 z + 0.5 eps has mean 0.5 E[z], var 0.25 Var z + 0.25
     z_t = again.reference_samples("diffusion_noise")

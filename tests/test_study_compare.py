@@ -83,3 +83,39 @@ def test_missing_arms_are_errors_naming_the_option(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["dmd", "ctl", "--runs", str(tmp_path / "empty")])
     assert "has not finished in --runs" in capsys.readouterr().err
+
+
+def test_another_generator_budget_reads_its_own_results(tmp_path, capsys):
+    """``--generator_steps 1500`` reads ``result_steps1500.json`` from a runs folder and the
+    1500-step rows of a published budget file, never the 600-step numbers."""
+    _, rows = _rows(tmp_path)
+    for row in rows:
+        arm = tmp_path / "runs" / "arms" / row["key"]
+        arm.mkdir(parents=True)
+        (arm / "result.json").write_text(json.dumps(row))
+        longer = row | {
+            "generator_steps": 1500,
+            "generators": [{"gfid": g["gfid"] / 2} for g in row["generators"]],
+        }
+        (arm / "result_steps1500.json").write_text(json.dumps(longer))
+    runs = tmp_path / "runs"
+    assert load_gfids(["dmd"], runs=runs, generator_steps=1500) == {"dmd": [1.0, 1.05, 0.95]}
+    assert load_gfids(["dmd"], runs=runs) == {"dmd": [2.0, 2.1, 1.9]}
+    budget = tmp_path / "budget.json"
+    budget.write_text(
+        json.dumps(
+            [
+                json.loads((runs / "arms" / r["key"] / "result_steps1500.json").read_text())
+                for r in rows
+            ]
+            + [rows[0] | {"generator_steps": 3000, "generators": [{"gfid": 0.5}, {"gfid": 0.6}]}]
+        )
+    )
+    assert load_gfids(["ctl"], results=budget, generator_steps=1500) == {"ctl": [1.5, 1.55, 1.45]}
+    assert load_gfids(["dmd"], results=budget, generator_steps=3000) == {"dmd": [0.5, 0.6]}
+    with pytest.raises(SystemExit):
+        main(["dmd", "ctl", "--results", str(budget), "--generator_steps", "3000"])
+    err = capsys.readouterr().err
+    assert "'ctl' has no row in --results" in err and "--generator_steps 3000" in err
+    out = main(["dmd", "ctl", "--runs", str(runs), "--generator_steps", "1500"])
+    assert out.mean_a == pytest.approx(1.0) and out.mean_b == pytest.approx(1.5)

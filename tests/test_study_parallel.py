@@ -91,6 +91,46 @@ def test_plan_orders_shared_stages_arms_and_seeds_and_leaves_out_finished_work(t
     assert not any("kl_vae" in u.name for u in plan(st, arms))
 
 
+def test_a_second_generator_budget_reuses_the_prepared_arm_and_names_its_files_apart(tmp_path):
+    """Generators at 1500 steps in a runs folder that holds the 600-step ones: the tokenizer
+    and caches are reused (no arm unit), the 600-step seed and result files do not count as
+    done, and the 1500-step files are named by their budget, so they do not count at 600."""
+    st = make_study(tmp_path)
+    arm = st.arm("kl_vae")
+    arm_dir = st.runs / "arms" / "kl_vae"
+    (arm_dir / "latents").mkdir(parents=True)
+    (arm_dir / "tokenizer.json").write_text("{}")
+    for split in ("train", "val"):
+        (arm_dir / "latents" / f"{split}.seconds").write_text("1.0\n")
+    for seed in (0, 1):
+        (arm_dir / f"generator_seed{seed}.json").write_text("{}")
+    (arm_dir / "result.json").write_text(json.dumps({"seeds": [0, 1], "generator_steps": 600}))
+    assert plan(st, [arm]) == []
+    longer = study.Study(st.runs, root=ROOT, seeds=(0, 1), quick=True, generator_steps=1500)
+    assert longer.seed_file(arm, 1) == arm_dir / "generator_steps1500_seed1.json"
+    assert longer.result_file(arm) == arm_dir / "result_steps1500.json"
+    assert longer.seed_stage(arm, 1) == "kl_vae/generator_steps1500_seed1"
+    units = {u.name: set(u.needs) for u in plan(longer, [arm])}
+    assert set(units) == {"shared:fid_net", "seed:kl_vae:0", "seed:kl_vae:1"}
+    assert units["seed:kl_vae:0"] == {"shared:fid_net"}  # the prepared tokenizer, read back
+    longer.seed_file(arm, 0).write_text("{}")
+    assert "seed:kl_vae:0" not in {u.name for u in plan(longer, [arm])}
+    longer.result_file(arm).write_text(json.dumps({"seeds": [0, 1], "generator_steps": 1500}))
+    assert plan(longer, [arm]) == []
+    # a result of the default's name at another budget (as written before files named their
+    # budget) is not taken for this one
+    (arm_dir / "result.json").write_text(json.dumps({"seeds": [0, 1], "generator_steps": 3000}))
+    assert st.finished(arm) is None
+
+
+def test_budget_suffix_names_every_budget_but_the_default():
+    assert study.budget_suffix(study.DEFAULT_GENERATOR_STEPS) == ""
+    assert study.budget_suffix(1500) == "_steps1500"
+    assert study.budget_suffix(None) == "_steps0"  # diffusion.yaml's own max_steps
+    with pytest.raises(ValueError, match="generator_steps must be >= 1"):
+        study.budget_suffix(-5)
+
+
 def test_a_control_not_run_itself_gets_a_tokenizer_unit_until_it_is_trained(tmp_path):
     """cfg3's evaluation encodes with its control's (``ablation``) tokenizer. Run without it,
     the control's tokenizer is a unit of its own (before the arms, needing what that tokenizer

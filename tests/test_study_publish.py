@@ -85,7 +85,7 @@ def test_publish_merges_finished_arms_and_redraws_tables_and_figures(docs_root: 
     assert f"<!-- study-table-2 -->\n{table}\n<!-- /study-table-2 -->\n\nafter\n" in page
     assert "| 2.71, 2.72, 2.73 |" in page and "old\n" not in page
     for name, figure in publish.FIGURES.items():
-        if name == "steps":  # neither arm sits on a training-length curve: no steps figure
+        if name in ("steps", "budgets"):  # no arm on a curve, no other budget: not drawn
             assert not (docs_root / figure).exists()
         else:
             assert (docs_root / figure).stat().st_size > 1000
@@ -183,3 +183,67 @@ def test_publish_takes_each_rows_curve_from_its_arm_file():
     by_key = {r["key"]: r for r in rows}
     assert by_key["kl_vae_narrow_kl1e5_xxlong"]["curve"]["vae_steps"] == 2900
     assert "curve" not in by_key["cfg3"]
+
+
+def _budget_row(key: str, gfids: list[float], steps: int, fm_loss: float) -> dict:
+    row = _row(key, gfids)
+    mean = sum(gfids) / len(gfids)
+    std = (sum((g - mean) ** 2 for g in gfids) / (len(gfids) - 1)) ** 0.5
+    row["summary"] = {"gfid_mean": mean, "gfid_std": std, "fm_loss_mean": fm_loss}
+    return row | {"generator_steps": steps}
+
+
+def test_publish_at_another_generator_budget_keeps_the_published_rows(docs_root: Path):
+    """Results at 1500 and 3000 generator steps go to the budget rows, one per arm and budget,
+    and the page's budget table puts them beside the published (600-step) row; the published
+    rows and tables do not change."""
+    page = docs_root / publish.DOC
+    page.write_text(page.read_text() + "<!-- study-budgets -->\n<!-- /study-budgets -->\nend\n")
+    runs = docs_root / "runs"
+    arm = runs / "arms" / "cfg3"
+    arm.mkdir(parents=True)
+    (arm / "result_steps1500.json").write_text(
+        json.dumps(_budget_row("cfg3", [1.4, 1.5, 1.6], 1500, 0.30))
+    )
+    (arm / "result_steps3000.json").write_text(
+        json.dumps(_budget_row("cfg3", [1.1, 1.2], 3000, 0.25))
+    )
+    base = ["--root", str(docs_root), "--runs", str(runs)]
+    publish.main([*base, "--generator_steps", "1500", "--no_figures"])
+    rows = publish.main([*base, "--generator_steps", "3000"])
+    assert publish.load_rows(docs_root / publish.RESULTS) == rows
+    assert {r["key"]: [g["gfid"] for g in r["generators"]] for r in rows} == {
+        "cfg3": [2.9, 2.8, 3.0],
+        "dmd_w1": [3.1, 3.0, 2.9],
+    }
+    budget = publish.load_rows(docs_root / publish.BUDGETS)
+    assert [(r["key"], r["generator_steps"]) for r in budget] == [("cfg3", 1500), ("cfg3", 3000)]
+    assert all("checkpoint" not in r["tokenizer"] for r in budget)
+    text = page.read_text()
+    header = "| arm | PSNR (dB) | gFID, 600 steps | gFID, 1500 steps | gFID, 3000 steps |"
+    line = (
+        "| CFG 3 inside DMD (supervised reference, dmd 10) (`cfg3`) | 22.00 | 2.90 ± 0.05 (3) "
+        "| 1.50 ± 0.10 (3) | 1.15 ± 0.07 (2) | n/a / 0.30 / 0.25 |"
+    )
+    assert f"<!-- study-budgets -->\n{header}" in text and line in text
+    assert text.endswith("<!-- /study-budgets -->\nend\n")
+    assert publish.render(text, rows) == text  # the 600-step tables as they were
+    # the figure: one line per arm along the budgets
+    from dmvae_lightning.study.report import budget_figure
+
+    assert (docs_root / publish.FIGURES["budgets"]).stat().st_size > 1000
+    ax = budget_figure(rows, budget).axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["cfg3"]
+    assert list(ax.lines[0].get_xdata()) == [600, 1500, 3000]
+    # a new 1500-step result replaces that budget's row only
+    (arm / "result_steps1500.json").write_text(
+        json.dumps(_budget_row("cfg3", [1.3, 1.3, 1.3], 1500, 0.29))
+    )
+    publish.main([*base, "--generator_steps", "1500", "--no_figures"])
+    budget = publish.load_rows(docs_root / publish.BUDGETS)
+    assert [r["summary"]["gfid_mean"] for r in budget] == pytest.approx([1.3, 1.15])
+    # errors name the budget; --rerun compares with the 600-step rows only
+    with pytest.raises(FileNotFoundError, match="--generator_steps 1500"):
+        publish.publish(docs_root, runs, ["dmd_w1"], figures=False, generator_steps=1500)
+    with pytest.raises(SystemExit):
+        publish.main([*base, "--generator_steps", "1500", "--rerun"])

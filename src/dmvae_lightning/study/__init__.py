@@ -53,6 +53,10 @@ seed std, for any two groups of arms).
 Outputs under ``--runs`` (default ``runs/study``): ``study.md``, ``study.json``, ``figures/``
 (gFID per arm with error bars, PSNR vs gFID, latent PCA per arm), TensorBoard runs under ``tb/``
 (every stage, and a ``summary`` run with the per-arm scalars and the figures), per-arm folders.
+A generator budget other than the default (``--generator_steps``) names its files apart
+(``generator_steps<N>_seed<s>.json``, ``result_steps<N>.json``, ``study_steps<N>.md``,
+``figures_steps<N>/``; :func:`~dmvae_lightning.study.arms.budget_suffix`), so budgets share one
+runs folder and train only generators on the tokenizers and caches already there.
 """
 
 from dmvae_lightning.study.arms import (
@@ -66,6 +70,7 @@ from dmvae_lightning.study.arms import (
     Arm,
     Reference,
     SharedStage,
+    budget_suffix,
     load_arms,
     load_overlay,
 )
@@ -86,6 +91,7 @@ __all__ = [
     "Reference",
     "SharedStage",
     "Study",
+    "budget_suffix",
     "flow_matching_loss",
     "latent_distances",
     "linear_probe",

@@ -21,6 +21,20 @@ DEFAULT_SEEDS = (0, 1, 2)
 #: Training steps of each generator DiT (on cached latents): half of diffusion.yaml's 1200.
 DEFAULT_GENERATOR_STEPS = 600
 
+
+def budget_suffix(generator_steps: int | None) -> str:
+    """How a runs folder names the files of one generator budget: ``""`` for the study's
+    default (:data:`DEFAULT_GENERATOR_STEPS`: ``generator_seed0.json``, ``result.json``),
+    ``"_steps<N>"`` for another (``generator_steps1500_seed0.json``, ``result_steps1500.json``)
+    and ``"_steps0"`` for None (diffusion.yaml's own ``max_steps``). So one folder holds several
+    budgets on the same tokenizers and latent caches."""
+    if generator_steps == DEFAULT_GENERATOR_STEPS:
+        return ""
+    if generator_steps is not None and generator_steps < 1:
+        raise ValueError(f"generator_steps must be >= 1 or None, got {generator_steps}")
+    return f"_steps{generator_steps or 0}"
+
+
 # --------------------------------------------------------------------------------- stage budgets
 #: ``--quick``: every stage a few batches, small evaluation sets (for tests: the whole pipeline,
 #: none of the quality).

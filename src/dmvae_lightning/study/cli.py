@@ -37,7 +37,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "--generator_steps",
         type=int,
         default=DEFAULT_GENERATOR_STEPS,
-        help=f"steps per generator (default {DEFAULT_GENERATOR_STEPS}; 0: diffusion.yaml's)",
+        help=f"steps per generator (default {DEFAULT_GENERATOR_STEPS}; 0: diffusion.yaml's); "
+        "another budget's files are named apart (generator_steps<N>_seed<s>.json, "
+        "result_steps<N>.json, study_steps<N>.md), on the same tokenizers and caches",
     )
     parser.add_argument("--runs", default="runs/study", help="output folder")
     parser.add_argument("--root", default=".", help="repository root (holds configs/)")
@@ -91,6 +93,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     report = study.run(arms, jobs=args.jobs, threads=args.threads or None)
     print("\n" + study_markdown(report))
     print(
-        f"[study] {study.runs / 'study.md'}, {study.runs / 'figures'}, tensorboard --logdir {study.runs / 'tb'}"
+        f"[study] {study.runs / f'study{study.suffix}.md'}, {study.runs / f'figures{study.suffix}'}, "
+        f"tensorboard --logdir {study.runs / 'tb'}"
     )
     return report

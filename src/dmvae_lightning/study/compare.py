@@ -14,8 +14,10 @@ Beside the rule it prints Welch's t (unequal variances) with its Welch-Satterthw
 freedom, and, when both groups name as many arms, the same comparison pair by pair (arm i of A
 against arm i of B: the per-alignment-seed view). The gFIDs come from the published rows
 (``docs/study_results.json``, the default) or from a runs folder (``--runs runs/study``: its
-``arms/<arm>/result.json``). The published rows keep two decimals: a gap on the threshold can
-fall either side in the two, so quote the runs folder's when it is close.
+``arms/<arm>/result.json``). ``--generator_steps N`` compares the arms' generators at another
+budget (``result_steps<N>.json``, or the published ``docs/study_budget_results.json``). The
+published rows keep two decimals: a gap on the threshold can fall either side in the two, so
+quote the runs folder's when it is close.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from dmvae_lightning.study.publish import RESULTS, arm_result, load_rows
+from dmvae_lightning.study.arms import DEFAULT_GENERATOR_STEPS
+from dmvae_lightning.study.publish import BUDGETS, RESULTS, arm_result, load_rows
+from dmvae_lightning.study.report import row_steps
 
 
 @dataclass(frozen=True)
@@ -108,20 +112,31 @@ class Comparison:
         )
 
 
-def load_gfids(arms: Sequence[str], results: Path | None = None, runs: Path | None = None):
-    """``{arm: [gFID of each generator seed]}`` for ``arms``, from a runs folder (``runs``:
+def load_gfids(
+    arms: Sequence[str],
+    results: Path | None = None,
+    runs: Path | None = None,
+    generator_steps: int | None = DEFAULT_GENERATOR_STEPS,
+):
+    """``{arm: [gFID of each generator seed]}`` for ``arms`` at generator budget
+    ``generator_steps``, from a runs folder (``runs``:
     :func:`~dmvae_lightning.study.publish.arm_result`) or else a published results file
-    (``results``). Raises FileNotFoundError / KeyError naming the arm (and the option) when one
-    has no numbers."""
+    (``results``; default: the published rows, or the budget rows at another budget). Raises
+    FileNotFoundError / KeyError naming the arm (and the option) when one has no numbers."""
     if runs is not None:
-        return {arm: [g["gfid"] for g in arm_result(runs, arm)["generators"]] for arm in arms}
-    path = Path(results if results is not None else RESULTS)
-    rows = {r["key"]: r for r in load_rows(path)}
+        return {
+            arm: [g["gfid"] for g in arm_result(runs, arm, generator_steps)["generators"]]
+            for arm in arms
+        }
+    default = RESULTS if generator_steps == DEFAULT_GENERATOR_STEPS else BUDGETS
+    path = Path(results if results is not None else default)
+    rows = {r["key"]: r for r in load_rows(path) if row_steps(r) == generator_steps}
     missing = [arm for arm in arms if arm not in rows]
     if missing:
         raise KeyError(
-            f"arm {missing[0]!r} has no row in --results {path} (published: {len(rows)} arms; "
-            "give --runs for a study's own folder)"
+            f"arm {missing[0]!r} has no row in --results {path} at --generator_steps "
+            f"{generator_steps or 0} (published there: {len(rows)} arms; give --runs for a "
+            "study's own folder)"
         )
     return {arm: [g["gfid"] for g in rows[arm]["generators"]] for arm in arms}
 
@@ -153,10 +168,22 @@ def main(argv: Sequence[str] | None = None) -> Comparison:
     parser.add_argument("b", help="group B: arm name(s), comma-separated")
     parser.add_argument("--results", type=Path, help=f"published rows to read (default: {RESULTS})")
     parser.add_argument("--runs", type=Path, help="read a study's runs folder instead")
+    parser.add_argument(
+        "--generator_steps",
+        type=int,
+        default=DEFAULT_GENERATOR_STEPS,
+        help=f"the generators' budget (default {DEFAULT_GENERATOR_STEPS}; another reads "
+        f"result_steps<N>.json or {BUDGETS}; 0: diffusion.yaml's)",
+    )
     args = parser.parse_args(argv)
     group_a, group_b = args.a.split(","), args.b.split(",")
     try:
-        gfids = load_gfids([*group_a, *group_b], results=args.results, runs=args.runs)
+        gfids = load_gfids(
+            [*group_a, *group_b],
+            results=args.results,
+            runs=args.runs,
+            generator_steps=args.generator_steps or None,
+        )
         pooled, pairs = compare(group_a, group_b, gfids)
     except (FileNotFoundError, KeyError, ValueError) as err:
         parser.error(str(err.args[0] if isinstance(err, KeyError) else err))

@@ -26,6 +26,7 @@ from dmvae_lightning.study.arms import (
     REFERENCES,
     SHARED,
     Arm,
+    budget_suffix,
     frozen_encoder,
     load_arms,
     load_overlay,
@@ -108,7 +109,10 @@ class Study:
         quick: seconds-long stages and small evaluation sets (tests).
         generator_steps: training steps of every generator (600, half the ``max_steps`` of
             configs/fashion_mnist/diffusion.yaml, so three seeds fit the budget; None: the
-            config's).
+            config's). Each budget names its files apart (:func:`budget_suffix`: the
+            default's ``generator_seed<s>.json`` / ``result.json`` / ``study.md``, another's
+            ``generator_steps<N>_seed<s>.json`` / ``result_steps<N>.json`` /
+            ``study_steps<N>.md``), so budgets share one runs folder, its tokenizers and caches.
         log: printer of progress lines.
     """
 
@@ -125,6 +129,8 @@ class Study:
         self.root = Path(root).resolve()
         self.configs = self.root / CONFIGS
         self.generator_steps = generator_steps
+        #: file-name suffix of this generator budget (:func:`budget_suffix`)
+        self.suffix = budget_suffix(generator_steps)
         self.seeds = tuple(int(s) for s in seeds)
         self.quick = quick
         self.sizes = QUICK_EVAL if quick else FULL_EVAL
@@ -155,8 +161,18 @@ class Study:
         return self.runs / "arms" / arm.key
 
     def seed_file(self, arm: Arm, seed: int) -> Path:
-        """``arms/<arm>/generator_seed<seed>.json``: generator ``seed``'s evaluation."""
-        return self.arm_dir(arm) / f"generator_seed{seed}.json"
+        """``arms/<arm>/generator_seed<seed>.json``: generator ``seed``'s evaluation
+        (``generator_steps<N>_seed<seed>.json`` at a budget other than the default)."""
+        return self.arm_dir(arm) / f"generator{self.suffix}_seed{seed}.json"
+
+    def result_file(self, arm: Arm) -> Path:
+        """``arms/<arm>/result.json``: the arm's result (``result_steps<N>.json`` at a
+        generator budget other than the default)."""
+        return self.arm_dir(arm) / f"result{self.suffix}.json"
+
+    def seed_stage(self, arm: Arm, seed: int) -> str:
+        """The stage name of generator ``seed`` (TensorBoard run, timings key)."""
+        return f"{arm.key}/{self.seed_file(arm, seed).stem}"
 
     def arm_prepared(self, arm: Arm) -> bool:
         """Whether :meth:`prepare_arm` has finished for ``arm`` in this runs folder (its
@@ -592,7 +608,7 @@ class Study:
         if self.generator_steps is not None:
             overlay = merge(overlay, {"trainer": {"max_steps": self.generator_steps}})
         ckpt = self.seed_file(arm, seed).with_suffix(".ckpt")
-        self._fit("diffusion.yaml", overlay, ckpt, f"{arm.key}/generator_seed{seed}", seed)
+        self._fit("diffusion.yaml", overlay, ckpt, self.seed_stage(arm, seed), seed)
         return ckpt
 
     def evaluate_generator(
@@ -646,7 +662,7 @@ class Study:
     def finished(self, arm: Arm) -> dict[str, Any] | None:
         """``arm``'s saved result when it is complete for this study's seeds and generator
         steps, else None."""
-        result_file = self.arm_dir(arm) / "result.json"
+        result_file = self.result_file(arm)
         if result_file.is_file():
             result = json.loads(result_file.read_text())
             if (
@@ -674,10 +690,10 @@ class Study:
 
     def run_seed(self, arm: Arm, tokenizer: Path, cache: Path, seed: int) -> dict[str, Any]:
         """Generator ``seed`` of ``arm`` on its latent ``cache``, trained and evaluated
-        (``generator_seed<seed>.json``; read back when done)."""
+        (:meth:`seed_file`; read back when done)."""
         seed_file = self.seed_file(arm, seed)
         if seed_file.is_file():
-            self._read_seconds(seed_file.with_suffix(".ckpt"), f"{arm.key}/generator_seed{seed}")
+            self._read_seconds(seed_file.with_suffix(".ckpt"), self.seed_stage(arm, seed))
             return json.loads(seed_file.read_text())
         ckpt = self.generator(arm, tokenizer, cache, seed)
         start_eval = time.perf_counter()
@@ -690,7 +706,7 @@ class Study:
     def run_arm(self, arm: Arm) -> dict[str, Any]:
         """Train and evaluate ``arm`` (finished parts are read back); returns its result."""
         if (result := self.finished(arm)) is not None:
-            self.log(f"[study] {arm.key}: done, read arms/{arm.key}/result.json")
+            self.log(f"[study] {arm.key}: done, read arms/{arm.key}/{self.result_file(arm).name}")
             return result
         start = time.perf_counter()
         self.log(f"[study] arm {arm.key}: {arm.title}")
@@ -714,7 +730,7 @@ class Study:
         result["stage_seconds"] = sum(result["timings"].values()) + sum(
             r.get("eval_seconds", 0.0) for r in per_seed
         )
-        write_json(self.arm_dir(arm) / "result.json", result)
+        write_json(self.result_file(arm), result)
         return result
 
     def latents_for_figure(
@@ -751,8 +767,8 @@ class Study:
             "seconds": time.perf_counter() - start,
         }
         self.runs.mkdir(parents=True, exist_ok=True)
-        (self.runs / "study.json").write_text(json.dumps(report, indent=2))
-        (self.runs / "study.md").write_text(study_markdown(report))
+        (self.runs / f"study{self.suffix}.json").write_text(json.dumps(report, indent=2))
+        (self.runs / f"study{self.suffix}.md").write_text(study_markdown(report))
         try:
             self.figures(rows)
         except ImportError as err:  # matplotlib is an optional dependency
@@ -763,7 +779,8 @@ class Study:
         self, arms: Sequence[Arm], jobs: int, threads: int | None = None
     ) -> dict[str, float]:
         """The units of ``arms`` left to do (:func:`~dmvae_lightning.study.parallel.plan`) as
-        up to ``jobs`` worker processes (logs in ``<runs>/logs``). Returns each unit's wall
+        up to ``jobs`` worker processes (logs in ``<runs>/logs``, ``logs_steps<N>`` at another
+        generator budget). Returns each unit's wall
         seconds."""
         from dmvae_lightning.study import parallel
 
@@ -785,7 +802,7 @@ class Study:
             units,
             parallel.worker_command(argv),
             jobs,
-            self.runs / "logs",
+            self.runs / f"logs{self.suffix}",
             env=parallel.worker_env,
             log=self.log,
             threads=threads,
@@ -805,7 +822,7 @@ class Study:
 
         from dmvae_lightning.plots import save_figure
 
-        out = self.runs / "figures"
+        out = self.runs / f"figures{self.suffix}"
         out.mkdir(parents=True, exist_ok=True)
         figs = {
             "gfid": gfid_figure(rows),
@@ -821,7 +838,7 @@ class Study:
                 z = (z - mean) * scale
             pca[row["key"]] = (z, y, ref)
         figs["latent_pca"] = pca_figure(pca, {r["key"]: r["title"] for r in rows})
-        writer = SummaryWriter(str(self.runs / "tb" / "summary"))
+        writer = SummaryWriter(str(self.runs / "tb" / f"summary{self.suffix}"))
         for name, fig in figs.items():
             save_figure(fig, out / f"{name}.png")
             writer.add_figure(f"study/{name}", fig)

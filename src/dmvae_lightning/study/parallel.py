@@ -94,8 +94,8 @@ def plan(study: Any, arms: Sequence[Arm]) -> list[Unit]:
     """The units left to run for ``arms`` of ``study`` (a :class:`Study`), in a good start
     order: shared stages first, then the tokenizers of controls not run themselves, then the
     arms' tokenizers, then their generators. Finished work (checkpoints, prepared arms,
-    trained controls, ``result.json`` / ``generator_seed<s>.json`` of these seeds) is left
-    out, and so are the needs on it."""
+    trained controls, the result and generator files of these seeds at this generator budget)
+    is left out, and so are the needs on it."""
     units: dict[str, Unit] = {}
 
     def done_stage(name: str) -> bool:

@@ -19,6 +19,12 @@ is not redrawn here (``runs/study/figures/latent_pca.png`` is the study's own).
 rerun of arms already published (e.g. the whole of Table 1 in one command, every shared stage
 retrained), kept beside the published rows, not mixed into them. The page's block between
 ``<!-- study-rerun -->`` and ``<!-- /study-rerun -->`` compares the two, arm by arm.
+
+``--generator_steps N`` (N other than the study's 600) merges the arms' results at that
+generator budget (``arms/<arm>/result_steps<N>.json``) into ``docs/study_budget_results.json``,
+one row per arm and budget: the page's block between ``<!-- study-budgets -->`` and
+``<!-- /study-budgets -->`` puts each arm's gFID at every budget side by side (its published
+row at 600 beside them), and ``docs/study_budgets.png`` draws gFID against the budget.
 """
 
 from __future__ import annotations
@@ -29,17 +35,33 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from dmvae_lightning.study.arms import ARMS_DIR, load_arms
-from dmvae_lightning.study.report import arm_table, gfid_figure, psnr_gfid_figure, steps_figure
+from dmvae_lightning.study.arms import (
+    ARMS_DIR,
+    DEFAULT_GENERATOR_STEPS,
+    budget_suffix,
+    load_arms,
+)
+from dmvae_lightning.study.report import (
+    arm_table,
+    budget_figure,
+    budget_table,
+    gfid_figure,
+    psnr_gfid_figure,
+    row_steps,
+    steps_figure,
+)
 
 RESULTS = Path("docs/study_results.json")
 RERUN = Path("docs/study_rerun_results.json")
 RERUN_MARKERS = ("<!-- study-rerun -->", "<!-- /study-rerun -->")
+BUDGETS = Path("docs/study_budget_results.json")
+BUDGET_MARKERS = ("<!-- study-budgets -->", "<!-- /study-budgets -->")
 DOC = Path("docs/reference-study.md")
 FIGURES = {
     "gfid": Path("docs/study_gfid.png"),
     "psnr_vs_gfid": Path("docs/study_psnr_vs_gfid.png"),
     "steps": Path("docs/study_steps.png"),
+    "budgets": Path("docs/study_budgets.png"),
 }
 #: the parts of an arm's result.json that the docs keep (no paths, no per-stage timings)
 ROW_KEYS = (
@@ -69,20 +91,20 @@ def slim(result: dict[str, Any]) -> dict[str, Any]:
 def merge(
     rows: list[dict[str, Any]], new: Sequence[dict[str, Any]], arms: dict[str, Any]
 ) -> list[dict[str, Any]]:
-    """``rows`` with each of ``new`` replacing the row of the same ``key`` (or added); a row
-    whose arm is in ``arms`` (key -> :class:`~dmvae_lightning.study.arms.Arm`) takes its title,
-    table, order and ``curve`` (dropped when the arm has none) from it. Sorted by (table,
-    order)."""
-    by_key = {r["key"]: r for r in rows}
+    """``rows`` with each of ``new`` replacing the row of the same ``key`` and generator budget
+    (or added); a row whose arm is in ``arms`` (key -> :class:`~dmvae_lightning.study.arms.Arm`)
+    takes its title, table, order and ``curve`` (dropped when the arm has none) from it. Sorted
+    by (table, order, budget)."""
+    by_key = {(r["key"], row_steps(r)): r for r in rows}
     for row in new:
-        by_key[row["key"]] = row
-    for key, row in by_key.items():
+        by_key[(row["key"], row_steps(row))] = row
+    for (key, _), row in by_key.items():
         if (arm := arms.get(key)) is not None:
             row.update(title=arm.title, table=arm.table, order=arm.order)
             row.pop("curve", None)
             if arm.curve is not None:
                 row["curve"] = dict(arm.curve)
-    return sorted(by_key.values(), key=lambda r: (r["table"], r["order"]))
+    return sorted(by_key.values(), key=lambda r: (r["table"], r["order"], row_steps(r) or 0))
 
 
 def replace_block(text: str, start: str, end: str, lines: list[str], what: str) -> str:
@@ -142,14 +164,18 @@ def render_rerun(text: str, published: list[dict[str, Any]], rerun: list[dict[st
     return replace_block(text, *RERUN_MARKERS, rerun_table(published, rerun), "the rerun")
 
 
-def arm_result(runs: Path, arm: str) -> dict[str, Any]:
-    """A finished arm's ``<runs>/arms/<arm>/result.json``; FileNotFoundError naming the arm when
-    it has not finished there."""
-    file = runs / "arms" / arm / "result.json"
+def arm_result(
+    runs: Path, arm: str, generator_steps: int | None = DEFAULT_GENERATOR_STEPS
+) -> dict[str, Any]:
+    """A finished arm's ``<runs>/arms/<arm>/result.json`` (``result_steps<N>.json`` at another
+    generator budget); FileNotFoundError naming the arm and the budget when it has not finished
+    there."""
+    file = runs / "arms" / arm / f"result{budget_suffix(generator_steps)}.json"
     if not file.is_file():
         raise FileNotFoundError(
-            f"{file} does not exist: arm {arm!r} has not finished in --runs {runs} (run the study "
-            "for it, or leave it out of --arms)"
+            f"{file} does not exist: arm {arm!r} has not finished in --runs {runs} with "
+            f"--generator_steps {generator_steps or 0} (run the study for it, or leave it out "
+            "of --arms)"
         )
     return json.loads(file.read_text())
 
@@ -165,29 +191,52 @@ def publish(
     arms: Sequence[str] | None = None,
     figures: bool = True,
     rerun: bool = False,
+    generator_steps: int | None = DEFAULT_GENERATOR_STEPS,
 ) -> list[dict[str, Any]]:
     """Merge the finished arms of ``runs`` (all, or ``arms``) into ``root/docs/
-    study_results.json`` (``rerun``: into ``study_rerun_results.json``), then write the page's
-    tables, its rerun comparison (when there are rerun rows) and the figures from them. Returns
-    the published rows. Raises FileNotFoundError for a named arm with no result."""
+    study_results.json`` (``rerun``: into ``study_rerun_results.json``; ``generator_steps``
+    other than the default: their results at that budget into ``study_budget_results.json``),
+    then write the page's tables, its rerun comparison and its budget table (when there are
+    such rows) and the figures from them. Returns the published rows. Raises FileNotFoundError
+    for a named arm with no result, ValueError for ``rerun`` at another budget."""
+    other_budget = budget_suffix(generator_steps) != ""
+    if rerun and other_budget:
+        raise ValueError(
+            "--rerun compares with the published rows, which are at the default "
+            f"generator budget ({DEFAULT_GENERATOR_STEPS}); drop --generator_steps"
+        )
     results = root / RESULTS
     rows = load_rows(results)
     rerun_rows = load_rows(root / RERUN)
+    budget_rows = load_rows(root / BUDGETS)
     new: list[dict[str, Any]] = []
     if runs is not None:
         if not arms:
-            arms = [f.parent.name for f in sorted((runs / "arms").glob("*/result.json"))]
-        new = [slim(arm_result(runs, arm)) for arm in arms]
+            name = f"result{budget_suffix(generator_steps)}.json"
+            arms = [f.parent.name for f in sorted((runs / "arms").glob(f"*/{name}"))]
+        new = [slim(arm_result(runs, arm, generator_steps)) for arm in arms]
     arm_files = {a.key: a for a in load_arms(root / ARMS_DIR)}
     if rerun:
         rerun_rows = merge(rerun_rows, new, arm_files)
         (root / RERUN).write_text(json.dumps(rerun_rows, indent=1, ensure_ascii=False) + "\n")
         new = []
+    if other_budget:
+        for row in new:  # rows written before results named their budget
+            row.setdefault("generator_steps", generator_steps)
+        budget_rows = merge(budget_rows, new, arm_files)
+        (root / BUDGETS).write_text(json.dumps(budget_rows, indent=1, ensure_ascii=False) + "\n")
+        new = []
     rows = merge(rows, new, arm_files)
     results.write_text(json.dumps(rows, indent=1, ensure_ascii=False) + "\n")
     page = root / DOC
     text = render(page.read_text(), rows)
-    page.write_text(render_rerun(text, rows, rerun_rows) if rerun_rows else text)
+    if rerun_rows:
+        text = render_rerun(text, rows, rerun_rows)
+    if budget_rows:
+        text = replace_block(
+            text, *BUDGET_MARKERS, budget_table(rows, budget_rows), "the budget table"
+        )
+    page.write_text(text)
     if figures:
         from dmvae_lightning.plots import save_figure
 
@@ -195,6 +244,8 @@ def publish(
         save_figure(psnr_gfid_figure(rows), root / FIGURES["psnr_vs_gfid"])
         if any("curve" in r for r in rows):
             save_figure(steps_figure(rows), root / FIGURES["steps"])
+        if budget_rows:
+            save_figure(budget_figure(rows, budget_rows), root / FIGURES["budgets"])
     return rows
 
 
@@ -214,16 +265,27 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         help=f"merge --runs into {RERUN} (an independent rerun, compared with the published "
         "rows on the page) instead of the published rows",
     )
+    parser.add_argument(
+        "--generator_steps",
+        type=int,
+        default=DEFAULT_GENERATOR_STEPS,
+        help=f"the generator budget of the results to merge (default {DEFAULT_GENERATOR_STEPS}; "
+        f"another goes to {BUDGETS} and the page's budget table; 0: diffusion.yaml's)",
+    )
     args = parser.parse_args(argv)
     if args.arms and args.runs is None:
         parser.error("--arms names arms of a runs folder: give --runs too")
-    rows = publish(
-        args.root.resolve(),
-        args.runs.resolve() if args.runs else None,
-        args.arms.split(",") if args.arms else None,
-        figures=not args.no_figures,
-        rerun=args.rerun,
-    )
+    try:
+        rows = publish(
+            args.root.resolve(),
+            args.runs.resolve() if args.runs else None,
+            args.arms.split(",") if args.arms else None,
+            figures=not args.no_figures,
+            rerun=args.rerun,
+            generator_steps=args.generator_steps or None,
+        )
+    except ValueError as err:
+        parser.error(str(err))
     print(
         f"[publish] {len(rows)} arms -> {RESULTS}, {DOC}, {', '.join(map(str, FIGURES.values()))}"
     )

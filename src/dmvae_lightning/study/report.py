@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from dmvae_lightning.study.arms import DEFAULT_GENERATOR_STEPS
+
 
 def summarize(per_seed: list[dict[str, Any]]) -> dict[str, float]:
     """Mean and sample std (n - 1; 0 for one seed) over seeds of every generator metric (not of
@@ -117,6 +119,58 @@ def study_markdown(report: dict[str, Any]) -> str:
         "not redone; the seconds column keeps each arm's own time)."
     )
     return "\n".join(lines) + "\n"
+
+
+def row_steps(row: dict[str, Any]) -> int | None:
+    """A row's generator budget: its ``generator_steps``; rows written before the key existed
+    were all at the study's default (600)."""
+    return row.get("generator_steps", DEFAULT_GENERATOR_STEPS)
+
+
+def budgets(
+    published: list[dict[str, Any]], budget_rows: list[dict[str, Any]]
+) -> dict[str, dict[int, dict[str, Any]]]:
+    """Per arm of ``budget_rows`` (rows at generator budgets other than the default), in their
+    order: ``{steps: row}`` for every budget it has, with its ``published`` row (the default
+    budget) beside them when there is one. A budget of None (the config's) counts as 0."""
+    by_key = {r["key"]: r for r in published}
+    out: dict[str, dict[int, dict[str, Any]]] = {}
+    for row in budget_rows:
+        arm = out.setdefault(row["key"], {})
+        if row["key"] in by_key:
+            arm[row_steps(by_key[row["key"]]) or 0] = by_key[row["key"]]
+        arm[row_steps(row) or 0] = row
+    return {key: dict(sorted(steps.items())) for key, steps in out.items()}
+
+
+def budget_table(published: list[dict[str, Any]], budget_rows: list[dict[str, Any]]) -> list[str]:
+    """Markdown lines: one line per arm of ``budget_rows`` (:func:`budgets`) with its gFID
+    (mean ± sample std, number of generator seeds) at every generator budget of the table and
+    its generators' flow-matching loss on the test latents at each (how far they still are
+    from fitting the latents)."""
+    table = budgets(published, budget_rows)
+    steps = sorted({n for arm in table.values() for n in arm})
+    lines = [
+        "| arm | PSNR (dB) | "
+        + " | ".join(f"gFID, {n} steps" for n in steps)
+        + " | FM loss at each budget |",
+        "|" + "---|" * (len(steps) + 3),
+    ]
+    for key, arm in table.items():
+        any_row = next(iter(arm.values()))
+        cells = []
+        for n in steps:
+            if (row := arm.get(n)) is None:
+                cells.append("-")
+            else:
+                cells.append(f"{_pm(row['summary'], 'gfid')} ({len(row['generators'])})")
+        fm = " / ".join(_num(r["summary"], "fm_loss_mean", ".2f") for r in arm.values())
+        lines.append(
+            f"| {any_row['title']} (`{key}`) | {_num(any_row['tokenizer'], 'psnr', '.2f')} | "
+            + " | ".join(cells)
+            + f" | {fm} |"
+        )
+    return lines
 
 
 # --------------------------------------------------------------------------------- figures
@@ -236,6 +290,36 @@ def steps_figure(rows: list[dict[str, Any]]):
     ax_p.set_ylabel("PSNR (dB)")
     ax_p.grid(alpha=0.3)
     ax_p.set_title("reconstruction against training length", fontsize=9)
+    return fig
+
+
+def budget_figure(published: list[dict[str, Any]], budget_rows: list[dict[str, Any]]):
+    """gFID (mean ± std over generator seeds) against the generator's training steps, one line
+    per arm of ``budget_rows`` (:func:`budgets`): whether an ordering at one budget holds at
+    another."""
+    fig = _fig(figsize=(6.5, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    for key, arm in budgets(published, budget_rows).items():
+        x = list(arm)
+        ax.errorbar(
+            x,
+            [r["summary"]["gfid_mean"] for r in arm.values()],
+            yerr=[r["summary"]["gfid_std"] for r in arm.values()],
+            fmt="o-",
+            capsize=3,
+            label=key,
+        )
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_formatter("{x:g}")
+        axis.set_minor_formatter("{x:g}")
+    ax.tick_params(which="minor", labelsize=7)
+    ax.set_xlabel("generator training steps (log scale)")
+    ax.set_ylabel("gFID (mean ± std over seeds, log scale)")
+    ax.grid(which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title("generation against the generator's budget", fontsize=9)
     return fig
 
 
