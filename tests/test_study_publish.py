@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from dmvae_lightning.study import publish
-from dmvae_lightning.study.report import arm_table
+from dmvae_lightning.study.report import arm_table, budget_table, budgets
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,6 +26,12 @@ def test_the_docs_tables_are_the_committed_results_rendered():
     assert rerun, "docs/study_rerun_results.json holds the one-command Table 1 rerun"
     assert publish.render_rerun(page, rows, rerun) == page
     assert {r["key"] for r in rerun} <= {r["key"] for r in rows}
+    # the budget table is the committed budget rows rendered, and each arm there has its
+    # 600-step row from the same folder beside its longer budgets
+    budget = publish.load_rows(ROOT / publish.BUDGETS)
+    assert publish.replace_block(page, *publish.BUDGET_MARKERS, budget_table(budget), "") == page
+    for key, by_steps in budgets(budget).items():
+        assert 600 in by_steps and len(by_steps) > 1, key
     # every row's mean ± std is the mean and sample std of its per-seed gFIDs (each rounded
     # to 0.01 in the docs, so the mean of the rounded seeds is off by up to 0.01)
     for row in rows:
@@ -195,13 +201,14 @@ def _budget_row(key: str, gfids: list[float], steps: int, fm_loss: float) -> dic
 
 def test_publish_at_another_generator_budget_keeps_the_published_rows(docs_root: Path):
     """Results at 1500 and 3000 generator steps go to the budget rows, one per arm and budget,
-    and the page's budget table puts them beside the published (600-step) row; the published
-    rows and tables do not change."""
+    with the same folder's 600-step result (the same tokenizer) beside them, not the
+    published row; the published rows and tables do not change."""
     page = docs_root / publish.DOC
     page.write_text(page.read_text() + "<!-- study-budgets -->\n<!-- /study-budgets -->\nend\n")
     runs = docs_root / "runs"
     arm = runs / "arms" / "cfg3"
     arm.mkdir(parents=True)
+    (arm / "result.json").write_text(json.dumps(_budget_row("cfg3", [2.5, 2.6, 2.7], 600, 0.4)))
     (arm / "result_steps1500.json").write_text(
         json.dumps(_budget_row("cfg3", [1.4, 1.5, 1.6], 1500, 0.30))
     )
@@ -217,13 +224,17 @@ def test_publish_at_another_generator_budget_keeps_the_published_rows(docs_root:
         "dmd_w1": [3.1, 3.0, 2.9],
     }
     budget = publish.load_rows(docs_root / publish.BUDGETS)
-    assert [(r["key"], r["generator_steps"]) for r in budget] == [("cfg3", 1500), ("cfg3", 3000)]
+    assert [(r["key"], r["generator_steps"]) for r in budget] == [
+        ("cfg3", 600),
+        ("cfg3", 1500),
+        ("cfg3", 3000),
+    ]
     assert all("checkpoint" not in r["tokenizer"] for r in budget)
     text = page.read_text()
     header = "| arm | PSNR (dB) | gFID, 600 steps | gFID, 1500 steps | gFID, 3000 steps |"
     line = (
-        "| CFG 3 inside DMD (supervised reference, dmd 10) (`cfg3`) | 22.00 | 2.90 ± 0.05 (3) "
-        "| 1.50 ± 0.10 (3) | 1.15 ± 0.07 (2) | n/a / 0.30 / 0.25 |"
+        "| CFG 3 inside DMD (supervised reference, dmd 10) (`cfg3`) | 22.00 | 2.60 ± 0.10 (3) "
+        "| 1.50 ± 0.10 (3) | 1.15 ± 0.07 (2) | 0.40 / 0.30 / 0.25 |"
     )
     assert f"<!-- study-budgets -->\n{header}" in text and line in text
     assert text.endswith("<!-- /study-budgets -->\nend\n")
@@ -232,7 +243,9 @@ def test_publish_at_another_generator_budget_keeps_the_published_rows(docs_root:
     from dmvae_lightning.study.report import budget_figure
 
     assert (docs_root / publish.FIGURES["budgets"]).stat().st_size > 1000
-    ax = budget_figure(rows, budget).axes[0]
+    fig = budget_figure(budget + [_budget_row("kl_vae", [1.7, 1.8], 1500, 0.4) | {"table": 1}])
+    assert [ax.get_title()[:7] for ax in fig.axes] == ["Table 1", "Table 2"]  # one per table
+    ax = fig.axes[1]
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["cfg3"]
     assert list(ax.lines[0].get_xdata()) == [600, 1500, 3000]
     # a new 1500-step result replaces that budget's row only
@@ -241,7 +254,7 @@ def test_publish_at_another_generator_budget_keeps_the_published_rows(docs_root:
     )
     publish.main([*base, "--generator_steps", "1500", "--no_figures"])
     budget = publish.load_rows(docs_root / publish.BUDGETS)
-    assert [r["summary"]["gfid_mean"] for r in budget] == pytest.approx([1.3, 1.15])
+    assert [r["summary"]["gfid_mean"] for r in budget] == pytest.approx([2.6, 1.3, 1.15])
     # errors name the budget; --rerun compares with the 600-step rows only
     with pytest.raises(FileNotFoundError, match="--generator_steps 1500"):
         publish.publish(docs_root, runs, ["dmd_w1"], figures=False, generator_steps=1500)

@@ -21,10 +21,12 @@ retrained), kept beside the published rows, not mixed into them. The page's bloc
 ``<!-- study-rerun -->`` and ``<!-- /study-rerun -->`` compares the two, arm by arm.
 
 ``--generator_steps N`` (N other than the study's 600) merges the arms' results at that
-generator budget (``arms/<arm>/result_steps<N>.json``) into ``docs/study_budget_results.json``,
-one row per arm and budget: the page's block between ``<!-- study-budgets -->`` and
-``<!-- /study-budgets -->`` puts each arm's gFID at every budget side by side (its published
-row at 600 beside them), and ``docs/study_budgets.png`` draws gFID against the budget.
+generator budget (``arms/<arm>/result_steps<N>.json``), and their 600-step ``result.json`` from
+the same folder (the same tokenizers, which the published rows need not be: a lost folder's
+arms were rerun), into ``docs/study_budget_results.json``, one row per arm and budget: the
+page's block between ``<!-- study-budgets -->`` and ``<!-- /study-budgets -->`` puts each arm's
+gFID at every budget side by side, and ``docs/study_budgets.png`` draws gFID against the
+budget.
 """
 
 from __future__ import annotations
@@ -223,6 +225,12 @@ def publish(
     if other_budget:
         for row in new:  # rows written before results named their budget
             row.setdefault("generator_steps", generator_steps)
+        if runs is not None:  # the same tokenizers' default budget, when it was run there
+            for arm in arms or []:
+                if (runs / "arms" / arm / "result.json").is_file():
+                    default = slim(arm_result(runs, arm))
+                    default.setdefault("generator_steps", DEFAULT_GENERATOR_STEPS)
+                    new.append(default)
         budget_rows = merge(budget_rows, new, arm_files)
         (root / BUDGETS).write_text(json.dumps(budget_rows, indent=1, ensure_ascii=False) + "\n")
         new = []
@@ -233,9 +241,7 @@ def publish(
     if rerun_rows:
         text = render_rerun(text, rows, rerun_rows)
     if budget_rows:
-        text = replace_block(
-            text, *BUDGET_MARKERS, budget_table(rows, budget_rows), "the budget table"
-        )
+        text = replace_block(text, *BUDGET_MARKERS, budget_table(budget_rows), "the budget table")
     page.write_text(text)
     if figures:
         from dmvae_lightning.plots import save_figure
@@ -245,7 +251,7 @@ def publish(
         if any("curve" in r for r in rows):
             save_figure(steps_figure(rows), root / FIGURES["steps"])
         if budget_rows:
-            save_figure(budget_figure(rows, budget_rows), root / FIGURES["budgets"])
+            save_figure(budget_figure(budget_rows), root / FIGURES["budgets"])
     return rows
 
 

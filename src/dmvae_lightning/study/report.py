@@ -127,28 +127,21 @@ def row_steps(row: dict[str, Any]) -> int | None:
     return row.get("generator_steps", DEFAULT_GENERATOR_STEPS)
 
 
-def budgets(
-    published: list[dict[str, Any]], budget_rows: list[dict[str, Any]]
-) -> dict[str, dict[int, dict[str, Any]]]:
-    """Per arm of ``budget_rows`` (rows at generator budgets other than the default), in their
-    order: ``{steps: row}`` for every budget it has, with its ``published`` row (the default
-    budget) beside them when there is one. A budget of None (the config's) counts as 0."""
-    by_key = {r["key"]: r for r in published}
+def budgets(budget_rows: list[dict[str, Any]]) -> dict[str, dict[int, dict[str, Any]]]:
+    """Per arm of ``budget_rows`` (rows of one arm's tokenizer at several generator budgets),
+    in their order: ``{steps: row}`` sorted by the budget (None, the config's, counts as 0)."""
     out: dict[str, dict[int, dict[str, Any]]] = {}
     for row in budget_rows:
-        arm = out.setdefault(row["key"], {})
-        if row["key"] in by_key:
-            arm[row_steps(by_key[row["key"]]) or 0] = by_key[row["key"]]
-        arm[row_steps(row) or 0] = row
+        out.setdefault(row["key"], {})[row_steps(row) or 0] = row
     return {key: dict(sorted(steps.items())) for key, steps in out.items()}
 
 
-def budget_table(published: list[dict[str, Any]], budget_rows: list[dict[str, Any]]) -> list[str]:
+def budget_table(budget_rows: list[dict[str, Any]]) -> list[str]:
     """Markdown lines: one line per arm of ``budget_rows`` (:func:`budgets`) with its gFID
     (mean ± sample std, number of generator seeds) at every generator budget of the table and
     its generators' flow-matching loss on the test latents at each (how far they still are
     from fitting the latents)."""
-    table = budgets(published, budget_rows)
+    table = budgets(budget_rows)
     steps = sorted({n for arm in table.values() for n in arm})
     lines = [
         "| arm | PSNR (dB) | "
@@ -293,33 +286,44 @@ def steps_figure(rows: list[dict[str, Any]]):
     return fig
 
 
-def budget_figure(published: list[dict[str, Any]], budget_rows: list[dict[str, Any]]):
+def budget_figure(budget_rows: list[dict[str, Any]]):
     """gFID (mean ± std over generator seeds) against the generator's training steps, one line
-    per arm of ``budget_rows`` (:func:`budgets`): whether an ordering at one budget holds at
-    another."""
-    fig = _fig(figsize=(6.5, 4.5), layout="constrained")
-    ax = fig.add_subplot()
-    for key, arm in budgets(published, budget_rows).items():
-        x = list(arm)
-        ax.errorbar(
-            x,
-            [r["summary"]["gfid_mean"] for r in arm.values()],
-            yerr=[r["summary"]["gfid_std"] for r in arm.values()],
-            fmt="o-",
-            capsize=3,
-            label=key,
-        )
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    for axis in (ax.xaxis, ax.yaxis):
-        axis.set_major_formatter("{x:g}")
-        axis.set_minor_formatter("{x:g}")
-    ax.tick_params(which="minor", labelsize=7)
-    ax.set_xlabel("generator training steps (log scale)")
-    ax.set_ylabel("gFID (mean ± std over seeds, log scale)")
-    ax.grid(which="both", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    ax.set_title("generation against the generator's budget", fontsize=9)
+    per arm of ``budget_rows`` (:func:`budgets`), one panel per paper table (log axes): whether
+    an ordering at one budget holds at another."""
+    from matplotlib import colormaps
+
+    table_of = {r["key"]: r["table"] for r in budget_rows}
+    tables = sorted(set(table_of.values()))
+    fig = _fig(figsize=(6 * len(tables), 5.5), layout="constrained")
+    axes = fig.subplots(1, len(tables), sharey=True, squeeze=False)[0]
+    colors = colormaps["tab20"].colors
+    markers = "osD^v<>p"
+    for ax, table in zip(axes, tables, strict=True):
+        arms = [(k, a) for k, a in budgets(budget_rows).items() if table_of[k] == table]
+        for i, (key, arm) in enumerate(arms):
+            ax.errorbar(
+                list(arm),
+                [r["summary"]["gfid_mean"] for r in arm.values()],
+                yerr=[r["summary"]["gfid_std"] for r in arm.values()],
+                fmt=markers[i % len(markers)] + "-",
+                color=colors[i % len(colors)],
+                markersize=4,
+                capsize=2,
+                label=key,
+            )
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        steps = sorted({n for _, arm in arms for n in arm})
+        ax.set_xticks(steps, [str(n) for n in steps], minor=False)
+        ax.xaxis.set_minor_formatter("")
+        ax.yaxis.set_major_formatter("{x:g}")
+        ax.yaxis.set_minor_formatter("{x:g}")
+        ax.tick_params(which="both", labelsize=7)
+        ax.set_xlabel("generator training steps (log scale)")
+        ax.grid(which="both", alpha=0.3)
+        ax.legend(fontsize=6, ncol=2, loc="upper right")
+        ax.set_title(f"Table {table}: gFID against the generator's budget", fontsize=9)
+    axes[0].set_ylabel("gFID (mean ± std over seeds, log scale)")
     return fig
 
 
