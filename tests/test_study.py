@@ -232,6 +232,9 @@ def test_cli_table_selects_one_tables_arms(capsys):
     with pytest.raises(SystemExit):
         main(["--root", str(ROOT), "--list", "--table", "2", "--arms", "kl_vae"])
     assert "--table 2" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--root", str(ROOT), "--list", "--generator_steps", "-5"])
+    assert "--generator_steps must be >= 0" in capsys.readouterr().err
 
 
 def test_summary_is_mean_and_sample_std():

@@ -62,6 +62,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    if args.generator_steps < 0:
+        parser.error(
+            f"--generator_steps must be >= 0 (0: diffusion.yaml's), got {args.generator_steps}"
+        )
     if args.threads:
         import torch
 
