@@ -26,12 +26,14 @@ def test_the_docs_tables_are_the_committed_results_rendered():
     assert rerun, "docs/study_rerun_results.json holds the one-command Table 1 rerun"
     assert publish.render_rerun(page, rows, rerun) == page
     assert {r["key"] for r in rerun} <= {r["key"] for r in rows}
-    # the budget table is the committed budget rows rendered, and each arm there has its
-    # 600-step row from the same folder beside its longer budgets
+    # the budget table is the committed budget rows rendered; an arm published at 600 steps
+    # has its 600-step row from the same folder as its longer budgets beside them
     budget = publish.load_rows(ROOT / publish.BUDGETS)
     assert publish.replace_block(page, *publish.BUDGET_MARKERS, budget_table(budget), "") == page
+    published = {r["key"] for r in rows}
     for key, by_steps in budgets(budget).items():
-        assert 600 in by_steps and len(by_steps) > 1, key
+        assert any(n != 600 for n in by_steps), key
+        assert 600 in by_steps or key not in published, key
     # every row's mean ± std is the mean and sample std of its per-seed gFIDs (each rounded
     # to 0.01 in the docs, so the mean of the rounded seeds is off by up to 0.01)
     for row in rows:
