@@ -35,6 +35,12 @@ def budget_suffix(generator_steps: int | None) -> str:
     return f"_steps{generator_steps or 0}"
 
 
+def result_name(generator_steps: int | None) -> str:
+    """File name of an arm's result at one generator budget in ``arms/<arm>/``
+    (``result.json``, ``result_steps1500.json``; :func:`budget_suffix`)."""
+    return f"result{budget_suffix(generator_steps)}.json"
+
+
 # --------------------------------------------------------------------------------- stage budgets
 #: ``--quick``: every stage a few batches, small evaluation sets (for tests: the whole pipeline,
 #: none of the quality).

@@ -31,6 +31,7 @@ from dmvae_lightning.study.arms import (
     load_arms,
     load_overlay,
     merge,
+    result_name,
     stage_kind,
 )
 from dmvae_lightning.study.evaluation import (
@@ -168,7 +169,7 @@ class Study:
     def result_file(self, arm: Arm) -> Path:
         """``arms/<arm>/result.json``: the arm's result (``result_steps<N>.json`` at a
         generator budget other than the default)."""
-        return self.arm_dir(arm) / f"result{self.suffix}.json"
+        return self.arm_dir(arm) / result_name(self.generator_steps)
 
     def seed_stage(self, arm: Arm, seed: int) -> str:
         """The stage name of generator ``seed`` (TensorBoard run, timings key)."""

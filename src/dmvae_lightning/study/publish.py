@@ -42,6 +42,7 @@ from dmvae_lightning.study.arms import (
     DEFAULT_GENERATOR_STEPS,
     budget_suffix,
     load_arms,
+    result_name,
 )
 from dmvae_lightning.study.report import (
     arm_table,
@@ -172,7 +173,7 @@ def arm_result(
     """A finished arm's ``<runs>/arms/<arm>/result.json`` (``result_steps<N>.json`` at another
     generator budget); FileNotFoundError naming the arm and the budget when it has not finished
     there."""
-    file = runs / "arms" / arm / f"result{budget_suffix(generator_steps)}.json"
+    file = runs / "arms" / arm / result_name(generator_steps)
     if not file.is_file():
         raise FileNotFoundError(
             f"{file} does not exist: arm {arm!r} has not finished in --runs {runs} with "
@@ -214,7 +215,7 @@ def publish(
     new: list[dict[str, Any]] = []
     if runs is not None:
         if not arms:
-            name = f"result{budget_suffix(generator_steps)}.json"
+            name = result_name(generator_steps)
             arms = [f.parent.name for f in sorted((runs / "arms").glob(f"*/{name}"))]
         new = [slim(arm_result(runs, arm, generator_steps)) for arm in arms]
     arm_files = {a.key: a for a in load_arms(root / ARMS_DIR)}
@@ -225,12 +226,11 @@ def publish(
     if other_budget:
         for row in new:  # rows written before results named their budget
             row.setdefault("generator_steps", generator_steps)
-        if runs is not None:  # the same tokenizers' default budget, when it was run there
-            for arm in arms or []:
-                if (runs / "arms" / arm / "result.json").is_file():
-                    default = slim(arm_result(runs, arm))
-                    default.setdefault("generator_steps", DEFAULT_GENERATOR_STEPS)
-                    new.append(default)
+        for arm in arms if runs is not None else []:  # the same tokenizers' default budget
+            try:
+                new.append(slim(arm_result(runs, arm)))
+            except FileNotFoundError:  # not run at the default budget there
+                continue
         budget_rows = merge(budget_rows, new, arm_files)
         (root / BUDGETS).write_text(json.dumps(budget_rows, indent=1, ensure_ascii=False) + "\n")
         new = []

@@ -294,12 +294,13 @@ def budget_figure(budget_rows: list[dict[str, Any]]):
 
     table_of = {r["key"]: r["table"] for r in budget_rows}
     tables = sorted(set(table_of.values()))
+    by_arm = budgets(budget_rows)
     fig = _fig(figsize=(6 * len(tables), 5.5), layout="constrained")
     axes = fig.subplots(1, len(tables), sharey=True, squeeze=False)[0]
     colors = colormaps["tab20"].colors
     markers = "osD^v<>p"
     for ax, table in zip(axes, tables, strict=True):
-        arms = [(k, a) for k, a in budgets(budget_rows).items() if table_of[k] == table]
+        arms = [(k, a) for k, a in by_arm.items() if table_of[k] == table]
         for i, (key, arm) in enumerate(arms):
             ax.errorbar(
                 list(arm),
