@@ -324,3 +324,101 @@ def test_a_stage_asked_for_by_two_processes_at_once_is_trained_once(tmp_path):
     assert trained == ["shared/fid_net"]
     # the waiting one read the trainer's seconds back
     assert [st.stage_seconds.get("shared/fid_net") for st in studies] == [12.5, 12.5]
+
+
+def _finish_shared_stages(st: study.Study) -> None:
+    """Mark every shared stage trained (a checkpoint and its seconds), so that a test's
+    ``Study.tokenizer`` only trains the arms' own stages."""
+    from dmvae_lightning.study.arms import SHARED
+
+    for name in SHARED:
+        ckpt = st.shared_checkpoint(name)
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        ckpt.write_bytes(b"shared")
+        st.seconds_file(ckpt).write_text("1.0\n")
+
+
+def test_an_arm_copies_a_stage_that_another_arm_trained_the_same_way(tmp_path):
+    """align_xxlong_cfg3_ssl_ft1000 is align_xxlong_cfg3_ssl with a longer second stage: its
+    first stage (same reference, config, overlay and seeds) is copied from the other arm's, with
+    its seconds and a note of where it came from, and only the second stage trains. A copy, not
+    a link; another seed, or a stage already started in the arm's own folder, trains."""
+    trained: list[str] = []
+    lines: list[str] = []
+
+    def fake_train(self, config, overlay, ckpt, tb_name, seed):
+        trained.append(tb_name)
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        ckpt.write_bytes(tb_name.encode())
+        self.seconds_file(ckpt).write_text(f"{len(trained)}.5\n")
+        self.stage_seconds[tb_name] = len(trained) + 0.5
+        return len(trained) + 0.5
+
+    st = study.Study(tmp_path / "runs", root=ROOT, quick=True, log=lines.append)
+    st._train = fake_train.__get__(st)
+    _finish_shared_stages(st)
+    base, longer = st.arm("align_xxlong_cfg3_ssl"), st.arm("align_xxlong_cfg3_ssl_ft1000")
+    assert base.stage_fingerprint(0) == longer.stage_fingerprint(0)
+    assert base.stage_fingerprint(1) != longer.stage_fingerprint(1)
+    assert st.same_stage(longer, 0) is None  # nothing trained yet
+    with pytest.raises(IndexError, match="2 tokenizer stages, not 3"):
+        longer.stage_fingerprint(2)
+    st.tokenizer(base)
+    assert trained == ["align_xxlong_cfg3_ssl/0_align", "align_xxlong_cfg3_ssl/1_finetune"]
+
+    trained.clear()
+    final = st.tokenizer(longer)
+    assert trained == ["align_xxlong_cfg3_ssl_ft1000/1_finetune"]
+    assert final.read_bytes() == b"align_xxlong_cfg3_ssl_ft1000/1_finetune"
+    source, copy = st.tokenizer_checkpoints(base)[0], st.tokenizer_checkpoints(longer)[0]
+    assert copy.read_bytes() == b"align_xxlong_cfg3_ssl/0_align"
+    assert os.stat(copy).st_ino != os.stat(source).st_ino
+    assert st.seconds_file(copy).read_text() == "1.5\n"
+    assert st.stage_seconds["align_xxlong_cfg3_ssl_ft1000/0_align"] == 1.5
+    assert (
+        copy.with_suffix(".reused").read_text()
+        == "arms/align_xxlong_cfg3_ssl/tokenizer_0_align.ckpt\n"
+    )
+    assert any("copied arms/align_xxlong_cfg3_ssl/tokenizer_0_align.ckpt" in ln for ln in lines)
+
+    trained.clear()  # alignment seed 1: its own stages
+    st.tokenizer(st.arm("align_xxlong_cfg3_ssl_ft1000_seed1"))
+    assert trained == [f"align_xxlong_cfg3_ssl_ft1000_seed1/{i}" for i in ("0_align", "1_finetune")]
+
+    # a stage started in the arm's own folder (an interrupted run's save) is resumed, not
+    # replaced by the copy
+    third = st.arm("align_xxlong_cfg3_ssl_ft3ep")
+    started = st.tokenizer_checkpoints(third)[0]
+    started.parent.mkdir(parents=True)
+    started.write_bytes(b"partial")
+    trained.clear()
+    st.tokenizer(third)
+    assert trained == [f"align_xxlong_cfg3_ssl_ft3ep/{i}" for i in ("0_align", "2_finetune")]
+    assert (
+        st.tokenizer_checkpoints(third)[1].read_bytes()
+        == b"align_xxlong_cfg3_ssl_ft1000/1_finetune"
+    )
+
+
+def test_the_plan_trains_a_stage_two_arms_share_once(tmp_path):
+    """Run together with nothing trained, the arm (and the control) that share a first stage
+    with an earlier one wait for it instead of training it beside it; once it is trained they
+    do not wait."""
+    st = make_study(tmp_path)
+    arms = [st.arm("align_xxlong_cfg3_ssl"), st.arm("align_xxlong_cfg3_ssl_ft1000")]
+    units = {u.name: set(u.needs) for u in plan(st, arms)}
+    assert "arm:align_xxlong_cfg3_ssl" in units["arm:align_xxlong_cfg3_ssl_ft1000"]
+    assert "arm:align_xxlong_cfg3_ssl_ft1000" not in units["arm:align_xxlong_cfg3_ssl"]
+    # their controls share a first stage too
+    assert "control:ablation_xxlong_ssl" in units["control:ablation_xxlong_ssl_ft1000"]
+    # another seed shares nothing
+    seeded = plan(st, [arms[0], st.arm("align_xxlong_cfg3_ssl_ft1000_seed1")])
+    needs = {u.name: set(u.needs) for u in seeded}["arm:align_xxlong_cfg3_ssl_ft1000_seed1"]
+    assert not any(n.startswith(("arm:", "control:")) for n in needs)
+
+    first = st.tokenizer_checkpoints(arms[0])[0]
+    first.parent.mkdir(parents=True)
+    first.write_bytes(b"x")
+    st.seconds_file(first).write_text("1.0\n")
+    units = {u.name: set(u.needs) for u in plan(st, arms)}
+    assert "arm:align_xxlong_cfg3_ssl" not in units["arm:align_xxlong_cfg3_ssl_ft1000"]

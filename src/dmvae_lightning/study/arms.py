@@ -4,6 +4,8 @@ stage budgets (no training or evaluation here)."""
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import math
 import os
 from collections.abc import Iterable
@@ -334,6 +336,22 @@ class Arm:
     def stage_seeds(self) -> list[tuple[Any, Any]]:
         """(model seed, data seed) of each tokenizer stage (None: the config's own)."""
         return [_stage_seeds(stage["overlay"]) for stage in self.tokenizer]
+
+    def stage_fingerprint(self, i: int) -> str:
+        """What makes tokenizer stage ``i``'s checkpoint what it is, as a sha256 hex digest:
+        the arm's reference (the shared stage-1 tokenizer, encoder and real model its stages
+        start from) and stages ``0..i`` (config, ``from``, overlay with its seeds). Two arms
+        whose stage ``i`` has the same fingerprint train the same weights there (every stage
+        draws its randomness from the overlay's seeds), so the study trains it once and copies
+        it (:meth:`~dmvae_lightning.study.driver.Study.tokenizer`). The stage configs' file
+        contents are not part of it: editing ``align.yaml`` does not retrain finished stages,
+        here or elsewhere in a runs folder."""
+        if not 0 <= i < len(self.tokenizer):
+            raise IndexError(
+                f"arm {self.key} has {len(self.tokenizer)} tokenizer stages, not {i + 1}"
+            )
+        spec = {"reference": self.reference, "stages": self.tokenizer[: i + 1]}
+        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> Arm:

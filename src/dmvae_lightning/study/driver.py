@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -143,13 +144,18 @@ class Study:
         self._cache: dict[str, Any] = {}
         self._arms: dict[str, Arm] | None = None
 
-    def arm(self, key: str) -> Arm:
-        """Arm ``key`` of ``configs/fashion_mnist/study`` (e.g. an arm's ``ablation``)."""
+    @property
+    def all_arms(self) -> dict[str, Arm]:
+        """Every arm of ``configs/fashion_mnist/study`` by key (read once)."""
         if self._arms is None:
             self._arms = {a.key: a for a in load_arms(self.root / ARMS_DIR)}
-        if key not in self._arms:
-            raise ValueError(f"unknown arm {key!r}; known: {sorted(self._arms)}")
-        return self._arms[key]
+        return self._arms
+
+    def arm(self, key: str) -> Arm:
+        """Arm ``key`` of ``configs/fashion_mnist/study`` (e.g. an arm's ``ablation``)."""
+        if key not in self.all_arms:
+            raise ValueError(f"unknown arm {key!r}; known: {sorted(self.all_arms)}")
+        return self.all_arms[key]
 
     # ---------------------------------------------------------------- where things live
     def shared_checkpoint(self, name: str) -> Path:
@@ -191,6 +197,22 @@ class Study:
             self.arm_dir(arm) / f"tokenizer_{i}_{stage_kind(stage['config'])}.ckpt"
             for i, stage in enumerate(arm.tokenizer)
         ]
+
+    def same_stage(self, arm: Arm, i: int, finished: bool = True) -> tuple[Arm, Path] | None:
+        """Another arm whose tokenizer stage ``i`` is ``arm``'s (the same
+        :meth:`~dmvae_lightning.study.arms.Arm.stage_fingerprint`: the same reference, configs,
+        overlays and seeds up to it), with its checkpoint there; the first by key, among those
+        that finished it unless ``finished`` is False. None when there is none."""
+        fingerprint = arm.stage_fingerprint(i)
+        for other in sorted(self.all_arms.values(), key=lambda a: a.key):
+            if other.key == arm.key or len(other.tokenizer) <= i:
+                continue
+            if other.stage_fingerprint(i) != fingerprint:
+                continue
+            ckpt = self.tokenizer_checkpoints(other)[i]
+            if not finished or self.stage_finished(ckpt):
+                return other, ckpt
+        return None
 
     def tokenizer_trained(self, arm: Arm) -> bool:
         """Whether every tokenizer stage of ``arm`` has finished (checkpoint and seconds)."""
@@ -375,11 +397,37 @@ class Study:
             overlay = merge(
                 {"model": {"init_args": model}}, load_overlay(stage.get("overlay"), self.configs)
             )
+            self._reuse_stage(arm, i, ckpt, f"{arm.key}/{i}_{kind}")
             self._fit(stage["config"], overlay, ckpt, f"{arm.key}/{i}_{kind}", None)
             prev = ckpt
         if prev is None:
             raise ValueError(f"arm {arm.key}: no tokenizer")
         return prev
+
+    def _reuse_stage(self, arm: Arm, i: int, ckpt: Path, name: str) -> None:
+        """Copy another arm's finished stage ``i`` to ``ckpt`` (with its ``.seconds``) when it
+        is the same stage (:meth:`same_stage`) and ``ckpt`` has not been started here (a
+        partial one is resumed by :meth:`_fit`). A copy, not a link: resuming or retraining
+        one arm's stage then cannot rewrite the other's file. ``<ckpt>.reused`` names the
+        source; the arm's seconds count the stage as trained (what the arm costs alone)."""
+        with stage_lock(ckpt):
+            if ckpt.is_file():
+                return
+            same = self.same_stage(arm, i)
+            if same is None:
+                return
+            other, source = same
+            ckpt.parent.mkdir(parents=True, exist_ok=True)
+            partial = ckpt.with_name(ckpt.name + ".partial")
+            shutil.copyfile(source, partial)
+            os.replace(partial, ckpt)
+            # the .seconds file marks the stage finished: written last
+            self.seconds_file(ckpt).write_text(self.seconds_file(source).read_text())
+            ckpt.with_suffix(".reused").write_text(f"{source.relative_to(self.runs)}\n")
+            self.log(
+                f"[study] {name}: the same stage as {other.key}'s (same reference, configs,"
+                f" overlays and seeds); copied {source.relative_to(self.runs)}, not retrained"
+            )
 
     # ---------------------------------------------------------------- data and evaluation
     def images(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:

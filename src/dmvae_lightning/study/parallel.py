@@ -95,7 +95,9 @@ def plan(study: Any, arms: Sequence[Arm]) -> list[Unit]:
     order: shared stages first, then the tokenizers of controls not run themselves, then the
     arms' tokenizers, then their generators. Finished work (checkpoints, prepared arms,
     trained controls, the result and generator files of these seeds at this generator budget)
-    is left out, and so are the needs on it."""
+    is left out, and so are the needs on it. Of two units whose arms share an unfinished
+    tokenizer stage (:meth:`~dmvae_lightning.study.arms.Arm.stage_fingerprint`), the second
+    needs the first, which trains it; the second copies it (``Study.tokenizer``)."""
     units: dict[str, Unit] = {}
 
     def done_stage(name: str) -> bool:
@@ -110,6 +112,20 @@ def plan(study: Any, arms: Sequence[Arm]) -> list[Unit]:
         needs = [k for dep in sorted(stage_needs(name)) if (k := add_stage(dep))]
         units[key] = Unit(key, tuple(needs))
         return key
+
+    # a tokenizer stage two units would train (the same fingerprint, finished nowhere) is
+    # trained by the first; the other waits for it and copies it (Study.tokenizer)
+    stage_units: dict[str, str] = {}
+
+    def same_stage_needs(arm: Arm, key: str) -> tuple[str, ...]:
+        needs: list[str] = []
+        for i, ckpt in enumerate(study.tokenizer_checkpoints(arm)):
+            if study.stage_finished(ckpt) or study.same_stage(arm, i) is not None:
+                continue
+            owner = stage_units.setdefault(arm.stage_fingerprint(i), key)
+            if owner != key and owner not in needs:
+                needs.append(owner)
+        return tuple(needs)
 
     control_units: dict[str, Unit] = {}
     arm_units: list[Unit] = []
@@ -128,13 +144,14 @@ def plan(study: Any, arms: Sequence[Arm]) -> list[Unit]:
             key = f"control:{control.key}"
             if key not in control_units and not study.tokenizer_trained(control):
                 deps = sorted(tokenizer_needs(control, study.configs))
-                control_units[key] = Unit(key, tuple(k for d in deps if (k := add_stage(d))))
+                needs = tuple(k for d in deps if (k := add_stage(d)))
+                control_units[key] = Unit(key, needs + same_stage_needs(control, key))
         needs = tuple(k for dep in sorted(arm_needs(arm, study.configs)) if (k := add_stage(dep)))
         if prepared:  # its seeds read the tokenizer and caches back
             seed_needs = needs
         else:
             seed_needs = (f"arm:{arm.key}",)
-            arm_units.append(Unit(seed_needs[0], needs))
+            arm_units.append(Unit(seed_needs[0], needs + same_stage_needs(arm, seed_needs[0])))
         for seed in study.seeds:
             if not study.seed_file(arm, seed).is_file():
                 seed_units.append(Unit(f"seed:{arm.key}:{seed}", seed_needs))
