@@ -422,3 +422,23 @@ def test_the_plan_trains_a_stage_two_arms_share_once(tmp_path):
     st.seconds_file(first).write_text("1.0\n")
     units = {u.name: set(u.needs) for u in plan(st, arms)}
     assert "arm:align_xxlong_cfg3_ssl" not in units["arm:align_xxlong_cfg3_ssl_ft1000"]
+
+
+def test_an_arm_with_nothing_to_train_waits_for_its_controls_unit(tmp_path):
+    """cfg3's evaluation encodes with its control's tokenizer. While cfg3 has stages to train,
+    its unit and the control's train side by side; once they are all finished (or copied from
+    another arm), its unit would go straight to the evaluation and sit on the control's stage
+    lock, so it needs the control's unit (run as an arm, or as a control unit) instead."""
+    st = make_study(tmp_path)
+    cfg3, ablation = st.arm("cfg3"), st.arm("ablation")
+    units = {u.name: set(u.needs) for u in plan(st, [cfg3, ablation])}
+    assert "arm:ablation" not in units["arm:cfg3"]
+    for ckpt in st.tokenizer_checkpoints(cfg3):
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        ckpt.write_bytes(b"x")
+        st.seconds_file(ckpt).write_text("1.0\n")
+    units = {u.name: set(u.needs) for u in plan(st, [cfg3, ablation])}
+    assert "arm:ablation" in units["arm:cfg3"]
+    assert "arm:cfg3" not in units["arm:ablation"]
+    units = {u.name: set(u.needs) for u in plan(st, [cfg3])}
+    assert "control:ablation" in units["arm:cfg3"]

@@ -27,7 +27,10 @@ stage (an alignment seed). See :class:`~dmvae_lightning.study.arms.Arm`.
 
 Shared stages (the classifier, the FID net, the self-supervised encoder, the stage-1 tokenizers and
 the reference score models of :data:`REFERENCES`) are trained once and reused by every arm that
-needs them. Finished stages are skipped (a stage killed after an epoch-end save resumes from it)
+needs them; so are an arm's own tokenizer stages that another arm begins with in the same way
+(same reference, configs, overlays and seeds:
+:meth:`~dmvae_lightning.study.arms.Arm.stage_fingerprint`): they are copied, not retrained, so a
+longer fine-tune is one more stage on an existing arm. Finished stages are skipped (a stage killed after an epoch-end save resumes from it)
 and finished arms (and generator seeds) are read back from their JSON files, so a killed study
 resumes where it stopped. ``--jobs N`` runs
 the shared stages, the arms' tokenizers and the generator seeds as up to N worker processes at

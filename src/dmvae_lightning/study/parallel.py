@@ -127,6 +127,12 @@ def plan(study: Any, arms: Sequence[Arm]) -> list[Unit]:
                 needs.append(owner)
         return tuple(needs)
 
+    def trains_nothing(arm: Arm) -> bool:
+        return all(
+            study.stage_finished(ckpt) or study.same_stage(arm, i) is not None
+            for i, ckpt in enumerate(study.tokenizer_checkpoints(arm))
+        )
+
     control_units: dict[str, Unit] = {}
     arm_units: list[Unit] = []
     seed_units: list[Unit] = []
@@ -137,7 +143,8 @@ def plan(study: Any, arms: Sequence[Arm]) -> list[Unit]:
         # the arm's evaluation encodes with its control's tokenizer; a control not run here
         # gets a unit of its own. No need on it (nor on the control's arm unit): both train
         # at once, and the evaluation waits on the control's stage locks (or trains them)
-        # only if it gets there first
+        # only if it gets there first; an arm with nothing of its own to train would, so it
+        # needs the control's unit (below)
         prepared = study.arm_prepared(arm)
         if arm.ablation and arm.ablation not in running and not prepared:
             control = study.arm(arm.ablation)
@@ -155,6 +162,18 @@ def plan(study: Any, arms: Sequence[Arm]) -> list[Unit]:
         for seed in study.seeds:
             if not study.seed_file(arm, seed).is_file():
                 seed_units.append(Unit(f"seed:{arm.key}:{seed}", seed_needs))
+    # an arm unit with no stage of its own to train (all finished, or copied from another arm)
+    # goes straight to its evaluation, which would sit on the lock of its control's stage while
+    # the control trains: it needs the control's unit instead, leaving the worker to others
+    unit_names = set(control_units) | {u.name for u in arm_units}
+    for j, unit in enumerate(arm_units):
+        arm = study.arm(unit.name[len("arm:") :])
+        control = next(
+            (k for k in (f"arm:{arm.ablation}", f"control:{arm.ablation}") if k in unit_names),
+            None,
+        )
+        if control and control not in unit.needs and trains_nothing(arm):
+            arm_units[j] = Unit(unit.name, unit.needs + (control,))
     return list(units.values()) + list(control_units.values()) + arm_units + seed_units
 
 
