@@ -281,6 +281,29 @@ def test_gpu_parity_small_passes_and_measures_a_real_difference():
         assert 0 < figures["rel_l2"] <= gpu_parity.CPU_TOLERANCES[name]["rel_l2"]
 
 
+def test_bench_eager_only_skips_the_compiled_variant_of_the_stages_it_names():
+    """The GPU check times the alignment stage eager only (its compilation outlasts the
+    budget): --eager_only drops that stage's compiled build, keeps the others', and refuses a
+    stage left with no variant."""
+    import bench_train_step
+
+    args = bench_train_step.parse_args(["--small", "--stages", "dit-b,align",
+                                        "--eager_only", "align", "--device", "cpu"])  # fmt: skip
+    assert bench_train_step.variants_of("align", args) == ["eager"]
+    assert bench_train_step.variants_of("dit-b", args) == ["eager", "compiled"]
+    result = bench_train_step.main(["--small", "--stages", "dit-b", "--eager_only", "dit-b",
+                                    "--warmup", "1", "--steps", "1", "--rounds", "1",
+                                    "--device", "cpu"])  # fmt: skip
+    stage = result["stages"]["dit-b"]
+    assert list(stage["variants"]) == ["eager"] and "compiled_over_eager" not in stage
+    assert result["settings"]["eager_only"] == ["dit-b"]
+    with pytest.raises(SystemExit):
+        bench_train_step.parse_args(["--stages", "align", "--eager_only", "align",
+                                     "--variants", "compiled"])  # fmt: skip
+    with pytest.raises(SystemExit):
+        bench_train_step.parse_args(["--eager_only", "vae"])
+
+
 def test_gpu_check_script_small_writes_valid_json(tmp_path):
     out = tmp_path / "gpu_check.json"
     env = {
