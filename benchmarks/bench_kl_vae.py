@@ -20,6 +20,11 @@ after ``--warmup``) and the ratio::
 (what the study's latent cache does per batch) at each ``ch``, with their ratios to the first::
 
     python benchmarks/bench_kl_vae.py --threads 1 --widths 32,16
+
+``--channels_last`` compares memory formats instead: the training step with every conv weight
+(encoder, decoder, discriminator) stored NCHW against NHWC (``channels_last``), at ``--ch``::
+
+    python benchmarks/bench_kl_vae.py --threads 1 --channels_last --ch 16
 """
 
 from __future__ import annotations
@@ -67,8 +72,13 @@ def build(cls: type[DMVAEModule], ch: int = 32) -> DMVAEModule:
     )
 
 
-def run(cls: type[DMVAEModule], args: argparse.Namespace, ch: int = 32) -> float:
+def run(
+    cls: type[DMVAEModule], args: argparse.Namespace, ch: int = 32, nhwc: bool = False
+) -> float:
     module = build(cls, ch)
+    if nhwc:
+        for part in (module.tokenizer.encoder, module.tokenizer.decoder, module.discriminator):
+            part.to(memory_format=torch.channels_last)
     total = args.warmup + args.steps + 1
     loader = DataLoader(RandomImages(total * args.batch_size), batch_size=args.batch_size)
     ends = timed_fit(module, loader)
@@ -109,6 +119,21 @@ def compare_widths(widths: list[int], args: argparse.Namespace) -> None:
         )
 
 
+def compare_formats(args: argparse.Namespace) -> None:
+    samples: dict[bool, list[float]] = {False: [], True: []}
+    for r in range(args.rounds):
+        for nhwc in (False, True) if r % 2 == 0 else (True, False):
+            samples[nhwc].append(run(DMVAEModule, args, args.ch, nhwc=nhwc))
+    nchw, nhwc = (statistics.median(samples[k]) for k in (False, True))
+    print(
+        f"KL-VAE training step, encoder ch {args.ch}, batch {args.batch_size}, "
+        f"{torch.get_num_threads()} threads; median of {args.rounds} rounds"
+    )
+    print(f"  NCHW (contiguous)     {nchw:8.1f} ms / step")
+    print(f"  NHWC (channels_last)  {nhwc:8.1f} ms / step")
+    print(f"  channels_last / contiguous : {nhwc / nchw:.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch_size", type=int, default=64)
@@ -119,9 +144,14 @@ def main() -> None:
     parser.add_argument(
         "--widths", default=None, help="comma-separated encoder widths to compare instead"
     )
+    parser.add_argument("--channels_last", action="store_true", help="compare memory formats")
+    parser.add_argument("--ch", type=int, default=32, help="encoder width (--channels_last)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.channels_last:
+        compare_formats(args)
+        return
     if args.widths:
         compare_widths([int(w) for w in args.widths.split(",")], args)
         return
