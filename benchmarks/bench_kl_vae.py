@@ -98,11 +98,16 @@ def encode_ms(ch: int, repeats: int = 4) -> float:
     return (time.perf_counter() - start) / repeats * 1e3
 
 
+def rotated(items: list, r: int) -> list:
+    """``items`` in round ``r``'s order: rotated by ``r``, so that no variant always runs first."""
+    return items[r % len(items) :] + items[: r % len(items)]
+
+
 def compare_widths(widths: list[int], args: argparse.Namespace) -> None:
     step: dict[int, list[float]] = {w: [] for w in widths}
     enc: dict[int, list[float]] = {w: [] for w in widths}
     for r in range(args.rounds):
-        for w in widths[r % len(widths) :] + widths[: r % len(widths)]:
+        for w in rotated(widths, r):
             step[w].append(run(DMVAEModule, args, w))
             enc[w].append(encode_ms(w))
     print(
@@ -122,7 +127,7 @@ def compare_widths(widths: list[int], args: argparse.Namespace) -> None:
 def compare_formats(args: argparse.Namespace) -> None:
     samples: dict[bool, list[float]] = {False: [], True: []}
     for r in range(args.rounds):
-        for nhwc in (False, True) if r % 2 == 0 else (True, False):
+        for nhwc in rotated([False, True], r):
             samples[nhwc].append(run(DMVAEModule, args, args.ch, nhwc=nhwc))
     nchw, nhwc = (statistics.median(samples[k]) for k in (False, True))
     print(
@@ -159,7 +164,7 @@ def main() -> None:
     names = list(variants)
     samples: dict[str, list[float]] = {name: [] for name in names}
     for r in range(args.rounds):
-        for name in names[r % 2 :] + names[: r % 2]:
+        for name in rotated(names, r):
             samples[name].append(run(variants[name], args))
     ms = {name: statistics.median(v) for name, v in samples.items()}
     print(
