@@ -40,6 +40,11 @@ from dmvae_lightning.nets.dit import DiT
 from dmvae_lightning.utils.rng import step_rng
 
 
+def rotated(items: list, r: int) -> list:
+    """``items`` in round ``r``'s order: rotated by ``r``, so that no variant always runs first."""
+    return items[r % len(items) :] + items[: r % len(items)]
+
+
 class RandomImages(Dataset):
     """``n`` random 1x32x32 images in [-1, 1] with labels, held in memory."""
 
@@ -236,8 +241,8 @@ def main() -> None:
     }
     names = list(runs)
     samples: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(args.rounds):  # rotate the order so no variant always runs first
-        for name in names[r % len(names) :] + names[: r % len(names)]:
+    for r in range(args.rounds):
+        for name in rotated(names, r):
             samples[name].append(per_batch_ms(runs[name](), args))
     ms = {name: statistics.median(values) for name, values in samples.items()}
     print(

@@ -33,7 +33,7 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_align import RandomImages, build  # noqa: E402
+from bench_align import RandomImages, build, rotated  # noqa: E402
 
 import dmvae_lightning  # noqa: E402,F401  (registers ddp_explicit)
 
@@ -109,8 +109,7 @@ def main() -> None:
     elements: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
-            order = list(STRATEGIES) if r % 2 == 0 else list(reversed(STRATEGIES))
-            for variant in order:
+            for variant in rotated(list(STRATEGIES), r):
                 ms, per_batch = run(args, variant, Path(tmp) / f"{variant}{r}.pt")
                 times[variant].append(ms)
                 elements[variant] = per_batch

@@ -34,7 +34,7 @@ import statistics
 import time
 
 import torch
-from bench_align import RandomImages, timed_fit
+from bench_align import RandomImages, rotated, timed_fit
 from torch.utils.data import DataLoader
 
 from dmvae_lightning.losses.matching import GaussianKLLoss
@@ -96,11 +96,6 @@ def encode_ms(ch: int, repeats: int = 4) -> float:
     for _ in range(repeats):
         tokenizer.encode(x)
     return (time.perf_counter() - start) / repeats * 1e3
-
-
-def rotated(items: list, r: int) -> list:
-    """``items`` in round ``r``'s order: rotated by ``r``, so that no variant always runs first."""
-    return items[r % len(items) :] + items[: r % len(items)]
 
 
 def compare_widths(widths: list[int], args: argparse.Namespace) -> None:

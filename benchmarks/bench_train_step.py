@@ -55,6 +55,7 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # timm must never reach a model hub
 
 import torch  # noqa: E402
+from bench_align import rotated  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from dmvae_lightning import flow  # noqa: E402
@@ -356,7 +357,7 @@ def run_stage(stage: str, sizes: dict[str, Any], args: argparse.Namespace) -> di
     samples: dict[str, list[float]] = {v: [] for v in variants}
     names = variants
     for r in range(args.rounds):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
+        for name in rotated(names, r):
             samples[name].append(time_steps(steps[name], args.steps, args.device))
     batches = args.vae_every if stage == "align" else 1
     peak = peak_tflops(args)
