@@ -3,6 +3,8 @@ the option to fix."""
 
 from __future__ import annotations
 
+import sys
+import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -306,3 +308,18 @@ def test_console_script_exits_with_status_zero(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert checkpoints(tmp_path)
+
+
+def test_args_from_inside_a_program_do_not_warn_about_its_command_line(tmp_path, monkeypatch):
+    """The study and the demo call ``main([...])`` while ``sys.argv`` holds their own options;
+    LightningCLI warns about that on every stage unless the parse sees a bare ``sys.argv``, and
+    the program's ``sys.argv`` is back afterwards."""
+    argv = ["python -m dmvae_lightning.study", "--arms", "kl_vae", "--jobs", "1"]
+    monkeypatch.setattr("sys.argv", list(argv))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli = build(tmp_path, "--trainer.max_epochs", "1")
+    assert sys.argv == argv
+    assert cli.trainer.max_epochs == 1  # the args were parsed, not the program's command line
+    messages = [str(w.message) for w in caught]
+    assert not [m for m in messages if "args parameter is intended" in m], messages

@@ -235,6 +235,20 @@ class DMVAEArgumentParser(LightningArgumentParser):
 class DMVAECLI(LightningCLI):
     """LightningCLI with the checks a long-running training job wants before it starts."""
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        """Parse ``args`` when given, else the command line. A caller that passes ``args`` from
+        inside another program (the study, the demo) has its own ``sys.argv``, which
+        LightningCLI would warn about on every stage; only the parse sees a bare ``sys.argv``
+        (a DDP launcher reading it later still sees the real one)."""
+        if args is None:
+            return super().parse_arguments(parser, args)
+        argv = sys.argv
+        sys.argv = argv[:1]
+        try:
+            return super().parse_arguments(parser, args)
+        finally:
+            sys.argv = argv
+
     def instantiate_classes(self) -> None:
         """Build model, data module and trainer; an error comes out as its root cause (see
         :func:`root_cause`), tagged for :func:`console`'s short message."""
