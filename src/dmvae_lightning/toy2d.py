@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -77,16 +76,11 @@ class StudyResult:
 
 
 def _cli(args: list[str]) -> Any:
-    """``dmvae`` in-process with ``args`` (``sys.argv`` hidden: LightningCLI warns when both
-    are given, e.g. under ``python -m dmvae_lightning.toy2d --points ...``)."""
+    """``dmvae`` in-process with ``args`` (its parse does not see this program's ``sys.argv``:
+    :meth:`dmvae_lightning.cli.DMVAECLI.parse_arguments`)."""
     from dmvae_lightning.cli import main as dmvae
 
-    saved = sys.argv
-    sys.argv = saved[:1]
-    try:
-        return dmvae(args)
-    finally:
-        sys.argv = saved
+    return dmvae(args)
 
 
 def _config(configs: Path, name: str) -> Path:
