@@ -355,14 +355,13 @@ def run_stage(stage: str, sizes: dict[str, Any], args: argparse.Namespace) -> di
     if flops is None:  # only "compiled" asked for: count on a fresh eager build
         flops = count_flops(build(sizes, args, False)[0])
     samples: dict[str, list[float]] = {v: [] for v in variants}
-    names = variants
     for r in range(args.rounds):
-        for name in rotated(names, r):
+        for name in rotated(variants, r):
             samples[name].append(time_steps(steps[name], args.steps, args.device))
     batches = args.vae_every if stage == "align" else 1
     peak = peak_tflops(args)
     out: dict[str, Any] = {"images_per_step": images, "flops_per_step": flops, "variants": {}}
-    for name in names:
+    for name in variants:
         ms = statistics.median(samples[name])
         tflops = flops / (ms / 1e3) / 1e12
         out["variants"][name] = {
@@ -413,13 +412,16 @@ def describe(sizes: dict[str, Any], stage: str, args: argparse.Namespace) -> str
     )
 
 
-def stage_list(parser: argparse.ArgumentParser, option: str, text: str) -> list[str]:
-    """``option``'s comma list of stages; an unknown name is a usage error naming the option."""
-    stages = [s for s in text.split(",") if s]
-    for stage in stages:
-        if stage not in STAGES:
-            parser.error(f"{option}: unknown stage {stage!r}; expected some of {STAGES}")
-    return stages
+def name_list(
+    parser: argparse.ArgumentParser, option: str, text: str, allowed: tuple[str, ...]
+) -> list[str]:
+    """``option``'s comma list of names; one not in ``allowed`` is a usage error naming the
+    option."""
+    names = [s for s in text.split(",") if s]
+    for name in names:
+        if name not in allowed:
+            parser.error(f"{option}: unknown name {name!r}; expected some of {allowed}")
+    return names
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -464,12 +466,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.device = torch.device(args.device)
     args.precision = args.precision or ("bf16" if args.device.type == "cuda" else "fp32")
-    args.stages = stage_list(parser, "--stages", args.stages)
-    args.variants = [v for v in args.variants.split(",") if v]
-    for variant in args.variants:
-        if variant not in ("eager", "compiled"):
-            parser.error(f"--variants: unknown variant {variant!r}")
-    args.eager_only = stage_list(parser, "--eager_only", args.eager_only)
+    args.stages = name_list(parser, "--stages", args.stages, STAGES)
+    args.variants = name_list(parser, "--variants", args.variants, ("eager", "compiled"))
+    args.eager_only = name_list(parser, "--eager_only", args.eager_only, STAGES)
     for stage in args.stages:
         if not variants_of(stage, args):
             parser.error(
