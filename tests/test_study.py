@@ -17,7 +17,9 @@ import torch
 
 from dmvae_lightning import study
 from dmvae_lightning.latents import LatentCache
+from dmvae_lightning.study import driver
 from dmvae_lightning.study.arms import QUICK_TRAINER
+from dmvae_lightning.study.evaluation import in_chunks, linear_probe, seeded_indices
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -257,7 +259,7 @@ def test_linear_probe_separates_separable_classes_and_not_noise():
     assert study.linear_probe(noise[:400], y[:400], noise[400:], y[400:]) < 0.5
 
 
-def test_quick_study_end_to_end_and_resume(tmp_path, fashion_mnist_root):
+def test_quick_study_end_to_end_and_resume(tmp_path, fashion_mnist_root, monkeypatch):
     """The first run is parallel (two worker processes); the resume below is sequential."""
     arms = ["kl_vae", "gaussian", "ablation"]
     runs = tmp_path / "study"
@@ -373,6 +375,38 @@ def test_quick_study_end_to_end_and_resume(tmp_path, fashion_mnist_root):
     assert cached["fm_loss"] == pytest.approx(rows["gaussian"]["generators"][0]["fm_loss"])
     with pytest.raises(ValueError, match="is not the tokenizer"):
         again.evaluate_generator(gen_ckpt, 0, runs / "arms" / "ablation" / "latents" / "val")
+
+    # the tokenizer evaluation reads the arm's latents from its cache (the evaluation images,
+    # the probe's and the distances' training rows) instead of encoding the images again: no
+    # pass of the arm's encoder, and the numbers of encoding them
+    tok_ckpt = Path(rows["gaussian"]["tokenizer"]["checkpoint"])
+    cache = runs / "arms" / "gaussian" / "latents"
+    own_encodes: list[int] = []
+    load = driver.load_tokenizer
+
+    def counting_load(ckpt):
+        tok = load(ckpt)
+        if Path(ckpt) == tok_ckpt:
+            encode = tok.encode
+            tok.encode = lambda x: own_encodes.append(x.shape[0]) or encode(x)
+        return tok
+
+    monkeypatch.setattr(driver, "load_tokenizer", counting_load)
+    result = again.evaluate_tokenizer(again.arm("gaussian"), tok_ckpt, cache)
+    assert own_encodes == []
+    tok = load(tok_ckpt)
+    x, y = again.eval_set()
+    z = in_chunks(tok.encode, x)
+    torch.testing.assert_close(again.eval_latents(cache / "val", tok_ckpt), z)
+    assert result["latent_std"] == pytest.approx(float(z.std()), rel=1e-5)
+    train_x, train_y = again.images("train")
+    picked = seeded_indices(len(LatentCache(cache / "train")), again.sizes["probe_train"], 7)
+    probe = linear_probe(in_chunks(tok.encode, train_x[picked]), train_y[picked], z, y)
+    assert result["probe_acc"] == pytest.approx(probe, abs=2 / len(y))
+    picked = seeded_indices(len(LatentCache(cache / "train")), again.sizes["distance"], 99)
+    distances = again.distances(in_chunks(tok.encode, train_x[picked]), "gaussian")
+    assert result["mmd"] == pytest.approx(distances["mmd"], rel=1e-4)
+    assert result["swd"] == pytest.approx(distances["swd"], rel=1e-4)
 
 
 def test_latent_distances_grow_with_the_shift_and_leave_the_global_rng_alone():

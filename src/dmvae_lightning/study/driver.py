@@ -43,6 +43,7 @@ from dmvae_lightning.study.evaluation import (
     linear_probe,
     load_tokenizer,
     posterior_kl,
+    seeded_indices,
     seeded_subset,
 )
 from dmvae_lightning.study.report import (
@@ -551,29 +552,30 @@ class Study:
         ref = (self.reference_samples(reference) - mean) * scale
         return latent_distances((z[: ref.shape[0]] - mean) * scale, ref, seed=0)
 
-    def evaluate_tokenizer(self, arm: Arm, ckpt: Path) -> dict[str, Any]:
+    def evaluate_tokenizer(self, arm: Arm, ckpt: Path, cache: Path) -> dict[str, Any]:
+        """``arm``'s final tokenizer ``ckpt`` on the evaluation images (PSNR, rFID, latent std),
+        a linear probe, the posterior KL of a Gaussian bottleneck and, for arms with a
+        reference, the latent distances to it (and to its control's). The arm's latents are read
+        from its latent ``cache`` (:meth:`latent_cache`: ``val`` the evaluation images, ``train``
+        the probe's and the distances' seeded training rows), not encoded again."""
         from dmvae_lightning.metrics import frechet_distance
         from dmvae_lightning.metrics.evaluate import psnr
 
         tok = load_tokenizer(ckpt)
         x, y = self.eval_set()
-        z = in_chunks(tok.encode, x)
+        z = self.eval_latents(cache / "val", ckpt)
         rec = in_chunks(lambda lat: tok.decode(lat).clamp(-1, 1), z)
         out: dict[str, Any] = {
             "psnr": psnr(x, rec),
             "rfid": frechet_distance(self.fid_features().stats(rec), self.real_stats()),
             "latent_std": float(z.std()),
         }
-        n = self.sizes["probe_train"]
-        xt, yt = self.train_subset(n, seed=7)
-        zt = in_chunks(tok.encode, xt)
-        out["probe_acc"] = linear_probe(zt, yt, z, y)
+        z_train, y_train = self.cached_latents(cache / "train", ckpt)
+        rows = seeded_indices(z_train.shape[0], self.sizes["probe_train"], seed=7)
+        out["probe_acc"] = linear_probe(z_train[rows], y_train[rows], z, y)
         if arm.reference is not None:
-            d = self.distances(
-                in_chunks(tok.encode, self.train_subset(self.sizes["distance"], 99)[0]),
-                arm.reference,
-            )
-            out.update(d)
+            rows = seeded_indices(z_train.shape[0], self.sizes["distance"], seed=99)
+            out.update(self.distances(z_train[rows], arm.reference))
             if arm.ablation:
                 control = self.arm(arm.ablation)
                 if not self.tokenizer_trained(control):  # say so: it can be a long stage
@@ -591,6 +593,25 @@ class Study:
             out["posterior_kl"] = kl
         out["checkpoint"] = str(ckpt)
         return out
+
+    def cached_latents(self, cache: Path, ckpt: Path | str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every row of latent cache ``cache``: raw latents (N, C, H, W) and labels (N,), in the
+        encoded split's order; the cache must have been encoded by tokenizer ``ckpt``."""
+        from dmvae_lightning.latents import LatentCache
+
+        latent_cache = LatentCache(cache)
+        latent_cache.check_tokenizer(ckpt)
+        return latent_cache.as_tensors()
+
+    def eval_latents(self, cache: Path, ckpt: Path | str) -> torch.Tensor:
+        """Raw latents of the evaluation images (:meth:`eval_set`) read from ``cache`` (an arm's
+        ``latents/val``, encoded by tokenizer ``ckpt``): its first rows, whose labels must be
+        the evaluation images'."""
+        y = self.eval_set()[1]
+        z, cached_y = self.cached_latents(cache, ckpt)
+        if not torch.equal(cached_y[: y.shape[0]], y):
+            raise ValueError(f"latent cache {str(cache)!r} is not of the evaluation images")
+        return z[: y.shape[0]]
 
     def latent_cache(self, arm: Arm, ckpt: Path) -> Path:
         """``arms/<arm>/latents/{train,val}`` encoded once with the final tokenizer."""
@@ -696,14 +717,7 @@ class Study:
         if latents is None:
             z = in_chunks(gen.tokenizer.encode, x)
         else:
-            from dmvae_lightning.latents import LatentCache
-
-            cache = LatentCache(latents)
-            cache.check_tokenizer(gen.hparams.tokenizer_ckpt)
-            z, cached_y = cache.as_tensors()
-            z = z[: x.shape[0]]
-            if not torch.equal(cached_y[: x.shape[0]], y):
-                raise ValueError(f"latent cache {str(latents)!r} is not of the evaluation images")
+            z = self.eval_latents(latents, gen.hparams.tokenizer_ckpt)
         out["fm_loss"] = flow_matching_loss(gen, gen.normalize(z), y)
         return out
 
@@ -727,15 +741,16 @@ class Study:
         arm_dir = self.arm_dir(arm)
         arm_dir.mkdir(parents=True, exist_ok=True)
         tok_ckpt = self.tokenizer(arm)
+        cache = self.latent_cache(arm, tok_ckpt)
         tok_file = arm_dir / "tokenizer.json"
         if tok_file.is_file() and json.loads(tok_file.read_text()).get("checkpoint") == str(
             tok_ckpt
         ):
             tok_result = json.loads(tok_file.read_text())
         else:
-            tok_result = self.evaluate_tokenizer(arm, tok_ckpt)
+            tok_result = self.evaluate_tokenizer(arm, tok_ckpt, cache)
             write_json(tok_file, tok_result)
-        return tok_ckpt, tok_result, self.latent_cache(arm, tok_ckpt)
+        return tok_ckpt, tok_result, cache
 
     def run_seed(self, arm: Arm, tokenizer: Path, cache: Path, seed: int) -> dict[str, Any]:
         """Generator ``seed`` of ``arm`` on its latent ``cache``, trained and evaluated

@@ -20,6 +20,7 @@ __all__ = [
     "linear_probe",
     "load_tokenizer",
     "posterior_kl",
+    "seeded_indices",
     "seeded_subset",
 ]
 
@@ -32,12 +33,17 @@ def fashion_mnist(split: str) -> tuple[torch.Tensor, torch.Tensor]:
     return FashionMNIST(split=split, channels=1, pad_to=32).as_tensors()
 
 
+def seeded_indices(total: int, n: int, seed: int) -> torch.Tensor:
+    """The first ``n`` of ``torch.randperm(total)`` under ``seed`` (the same rows for the same
+    seed on every machine): which rows :func:`seeded_subset` takes."""
+    return torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:n]
+
+
 def seeded_subset(
     x: torch.Tensor, y: torch.Tensor, n: int, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n`` rows of ``(x, y)`` in the order of ``torch.randperm(len(x))`` under ``seed`` (the same
-    rows for the same seed on every machine)."""
-    order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(seed))[:n]
+    """``n`` rows of ``(x, y)``, those of :func:`seeded_indices` ``(len(x), n, seed)``."""
+    order = seeded_indices(x.shape[0], n, seed)
     return x[order], y[order]
 
 
