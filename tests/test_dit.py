@@ -239,46 +239,6 @@ def test_grad_checkpointing_same_output_and_grads():
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
-def _adaln_rows(model: DiT) -> list[int]:
-    """Rows each adaLN projection (blocks and final layer) receives, recorded by hooks."""
-    rows: list[int] = []
-    layers = [b.adaLN_modulation for b in model.blocks] + [model.final_layer.adaLN_modulation]
-    for layer in layers:
-        layer.register_forward_pre_hook(lambda _m, args: rows.append(args[0].shape[0]))
-    return rows
-
-
-def test_sampling_runs_the_adaln_projections_once_per_distinct_condition():
-    """Without grad, one t for the batch and 5 classes over 40 samples: every adaLN
-    projection sees the 5 distinct conditioning rows, not 40, and the output equals the
-    per-sample path (grad enabled, where rows are never merged)."""
-    model = _tiny()
-    rows = _adaln_rows(model)
-    x = torch.randn(40, 3, 4, 4, generator=torch.Generator().manual_seed(3))
-    y = torch.arange(40) % 5
-    with torch.no_grad():
-        merged = model(x, 0.3, y)
-    layers = len(model.blocks) + 1  # the blocks and the final layer
-    assert rows == [5] * layers  # one row per class
-    rows.clear()
-    with torch.enable_grad():
-        per_sample = model(x, 0.3, y)
-    assert rows == [40] * layers
-    torch.testing.assert_close(merged, per_sample.detach(), rtol=1e-6, atol=1e-6)
-    assert per_sample.abs().max() > 0.1  # the outputs compared are not all ~0
-
-
-def test_distinct_times_keep_one_conditioning_row_per_sample():
-    """Per-sample times (training draws, DMD's score calls) give as many distinct rows as
-    samples: no merge, no gather."""
-    model = _tiny()
-    rows = _adaln_rows(model)
-    x, t, y = _inputs(n=8)
-    with torch.no_grad():
-        model(x, t, y)
-    assert rows == [8] * (len(model.blocks) + 1)
-
-
 def test_time_embedding_stays_fp32_under_bf16_autocast():
     model = _tiny()
     seen = {}

@@ -357,32 +357,10 @@ def _modulate(x: torch.Tensor, shift: torch.Tensor | None, scale: torch.Tensor) 
     return x if shift is None else x + shift.unsqueeze(1)
 
 
-def _distinct_rows(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(rows, index)`` with ``rows[index] == c`` when ``c`` (N, D) has at most N / 2 distinct
-    rows and no gradient is being recorded (sampling: one t for the whole batch, a few
-    classes), else ``(c, None)``. The adaLN projections, the largest matmuls of a small-token
-    DiT, then run once per distinct row; under ``torch.compile`` (a data-dependent shape) the
-    rows are never merged."""
-    if torch.is_grad_enabled() or torch.compiler.is_compiling() or c.shape[0] < 4:
-        return c, None
-    rows, index = torch.unique(c, dim=0, return_inverse=True)
-    if 2 * rows.shape[0] > c.shape[0]:
-        return c, None
-    return rows, index
-
-
-def _modulation(layer: nn.Module, c: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
-    """``layer(c)`` for the conditioning rows ``c``, gathered back to one row per sample by
-    ``index`` (from :func:`_distinct_rows`; None: ``c`` has one row per sample already)."""
-    out = layer(c)
-    return out if index is None else out[index]
-
-
 class DiTBlock(nn.Module):
     """adaLN-Zero transformer block. ``adaLN_modulation = (SiLU, Linear(D, 6D))`` gives
     (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp); with ``wo_shift`` a
-    Linear(D, 4D) gives the four scales/gates only. Shapes: x (N, T, D), c (N, D), or the
-    distinct rows (U, D) of the conditioning and ``index`` (N,) selecting one per sample."""
+    Linear(D, 4D) gives the four scales/gates only. Shapes: x (N, T, D), c (N, D)."""
 
     def __init__(
         self,
@@ -407,13 +385,9 @@ class DiTBlock(nn.Module):
         )
 
     def forward(
-        self,
-        x: torch.Tensor,
-        c: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor] | None,
-        index: torch.Tensor | None = None,
+        self, x: torch.Tensor, c: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None
     ) -> torch.Tensor:
-        mod = _modulation(self.adaLN_modulation, c, index)
+        mod = self.adaLN_modulation(c)
         if self.wo_shift:
             scale_msa, gate_msa, scale_mlp, gate_mlp = mod.chunk(4, dim=1)
             shift_msa = shift_mlp = None
@@ -434,10 +408,8 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(hidden_size, out_dim)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
-    def forward(
-        self, x: torch.Tensor, c: torch.Tensor, index: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        shift, scale = _modulation(self.adaLN_modulation, c, index).chunk(2, dim=1)
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
         return self.linear(_modulate(self.norm_final(x), shift, scale))
 
 
@@ -635,15 +607,15 @@ class DiT(nn.Module):
         tokens = self.x_embedder(x)
         if self.pos_embed is not None:
             tokens = tokens + self._position_embed(h, w)
-        c, index = _distinct_rows(self.t_embedder(t) + self.y_embedder(y, force_drop_ids))
+        c = self.t_embedder(t) + self.y_embedder(y, force_drop_ids)
         rope = self.feat_rope.tables(h, w) if self.feat_rope is not None else None
         use_ckpt = self.grad_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
             if use_ckpt:
                 tokens = checkpoint(block, tokens, c, rope, use_reentrant=False)
             else:
-                tokens = block(tokens, c, rope, index)
-        out = self.final_layer(tokens, c, index)  # (N, T, p*p*C_out), channels ordered (p, q, c)
+                tokens = block(tokens, c, rope)
+        out = self.final_layer(tokens, c)  # (N, T, p*p*C_out), channels ordered (p, q, c)
         out = out.view(n, h, w, p, p, self.out_channels).permute(0, 5, 1, 3, 2, 4)
         out = out.reshape(n, self.out_channels, height, width)
         return out[:, : self.in_channels] if self.learn_sigma else out
