@@ -584,7 +584,8 @@ class Study:
                         " trained yet; training it for the latent-distance column"
                     )
                 abl_tok = load_tokenizer(self.tokenizer(control))
-                zab = in_chunks(abl_tok.encode, self.train_subset(self.sizes["distance"], 99)[0])
+                # the same training rows (cache row i is training image i)
+                zab = in_chunks(abl_tok.encode, self.images("train")[0][rows])
                 out.update(
                     {f"ablation_{k}": v for k, v in self.distances(zab, arm.reference).items()}
                 )
