@@ -407,6 +407,13 @@ def test_quick_study_end_to_end_and_resume(tmp_path, fashion_mnist_root, monkeyp
     distances = again.distances(in_chunks(tok.encode, train_x[picked]), "gaussian")
     assert result["mmd"] == pytest.approx(distances["mmd"], rel=1e-4)
     assert result["swd"] == pytest.approx(distances["swd"], rel=1e-4)
+    # the training rows are taken by position: a cache of other images is refused
+    swapped = tmp_path / "swapped"
+    swapped.mkdir()
+    (swapped / "val").symlink_to(cache / "val")
+    (swapped / "train").symlink_to(cache / "val")
+    with pytest.raises(ValueError, match="is not of the training images"):
+        again.evaluate_tokenizer(again.arm("gaussian"), tok_ckpt, swapped)
 
 
 def test_latent_distances_grow_with_the_shift_and_leave_the_global_rng_alone():

@@ -571,6 +571,8 @@ class Study:
             "latent_std": float(z.std()),
         }
         z_train, y_train = self.cached_latents(cache / "train", ckpt)
+        if not torch.equal(y_train, self.images("train")[1][: y_train.shape[0]]):
+            raise ValueError(f"latent cache {str(cache / 'train')!r} is not of the training images")
         rows = seeded_indices(z_train.shape[0], self.sizes["probe_train"], seed=7)
         out["probe_acc"] = linear_probe(z_train[rows], y_train[rows], z, y)
         if arm.reference is not None:
@@ -584,7 +586,7 @@ class Study:
                         " trained yet; training it for the latent-distance column"
                     )
                 abl_tok = load_tokenizer(self.tokenizer(control))
-                # the same training rows (cache row i is training image i)
+                # the same training rows (cache row i is training image i: checked above)
                 zab = in_chunks(abl_tok.encode, self.images("train")[0][rows])
                 out.update(
                     {f"ablation_{k}": v for k, v in self.distances(zab, arm.reference).items()}
