@@ -30,11 +30,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 import yaml
 
+from dmvae_lightning.cli import main as dmvae
 from dmvae_lightning.metrics.distances import cloud_metrics
 from dmvae_lightning.modules.toy2d import PointAlignmentModule
 
@@ -73,14 +73,6 @@ class StudyResult:
     def figure(self, name: str) -> Path:
         """Path of a PNG the study wrote: ``"clouds"`` or ``"<objective>/points_final"`` etc."""
         return self.out / f"{name}.png"
-
-
-def _cli(args: list[str]) -> Any:
-    """``dmvae`` in-process with ``args`` (its parse does not see this program's ``sys.argv``:
-    :meth:`dmvae_lightning.cli.DMVAECLI.parse_arguments`)."""
-    from dmvae_lightning.cli import main as dmvae
-
-    return dmvae(args)
 
 
 def _config(configs: Path, name: str) -> Path:
@@ -126,7 +118,7 @@ def train_real(
     if steps is not None:
         args += ["--trainer.limit_train_batches", str(int(steps))]
     start = time.perf_counter()
-    _cli([*args, *extra_args])
+    dmvae([*args, *extra_args])
     seconds = time.perf_counter() - start
     if not ckpt.is_file():
         raise RuntimeError(f"training the real model wrote no checkpoint at {ckpt}")
@@ -169,7 +161,7 @@ def run_objective(
         per_epoch = max(1, -(-int(batches) // epochs))
         args += ["--model.init_args.batches_per_epoch", str(per_epoch)]
     start = time.perf_counter()
-    cli = _cli([*args, *extra_args])
+    cli = dmvae([*args, *extra_args])
     return cli.model, time.perf_counter() - start
 
 
