@@ -570,9 +570,7 @@ class Study:
             "rfid": frechet_distance(self.fid_features().stats(rec), self.real_stats()),
             "latent_std": float(z.std()),
         }
-        z_train, y_train = self.cached_latents(cache / "train", ckpt)
-        if not torch.equal(y_train, self.images("train")[1][: y_train.shape[0]]):
-            raise ValueError(f"latent cache {str(cache / 'train')!r} is not of the training images")
+        z_train, y_train = self.cached_latents(cache / "train", ckpt, "train")
         rows = seeded_indices(z_train.shape[0], self.sizes["probe_train"], seed=7)
         out["probe_acc"] = linear_probe(z_train[rows], y_train[rows], z, y)
         if arm.reference is not None:
@@ -586,7 +584,7 @@ class Study:
                         " trained yet; training it for the latent-distance column"
                     )
                 abl_tok = load_tokenizer(self.tokenizer(control))
-                # the same training rows (cache row i is training image i: checked above)
+                # the same training rows (cache row i is training image i)
                 zab = in_chunks(abl_tok.encode, self.images("train")[0][rows])
                 out.update(
                     {f"ablation_{k}": v for k, v in self.distances(zab, arm.reference).items()}
@@ -597,24 +595,33 @@ class Study:
         out["checkpoint"] = str(ckpt)
         return out
 
-    def cached_latents(self, cache: Path, ckpt: Path | str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every row of latent cache ``cache``: raw latents (N, C, H, W) and labels (N,), in the
-        encoded split's order; the cache must have been encoded by tokenizer ``ckpt``."""
+    def cached_latents(
+        self, cache: Path, ckpt: Path | str, split: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every row of latent cache ``cache``: raw latents (N, C, H, W) and labels (N,). The
+        cache must have been encoded by tokenizer ``ckpt`` from Fashion-MNIST ``split`` in its
+        order (row i is image i: its labels are checked), as :meth:`latent_cache` writes it."""
         from dmvae_lightning.latents import LatentCache
 
         latent_cache = LatentCache(cache)
         latent_cache.check_tokenizer(ckpt)
-        return latent_cache.as_tensors()
+        z, y = latent_cache.as_tensors()
+        if not torch.equal(y, self.images(split)[1][: y.shape[0]]):
+            images = "training" if split == "train" else split
+            raise ValueError(f"latent cache {str(cache)!r} is not of the {images} images")
+        return z, y
 
     def eval_latents(self, cache: Path, ckpt: Path | str) -> torch.Tensor:
-        """Raw latents of the evaluation images (:meth:`eval_set`) read from ``cache`` (an arm's
-        ``latents/val``, encoded by tokenizer ``ckpt``): its first rows, whose labels must be
-        the evaluation images'."""
-        y = self.eval_set()[1]
-        z, cached_y = self.cached_latents(cache, ckpt)
-        if not torch.equal(cached_y[: y.shape[0]], y):
-            raise ValueError(f"latent cache {str(cache)!r} is not of the evaluation images")
-        return z[: y.shape[0]]
+        """Raw latents of the evaluation images (:meth:`eval_set`: the first test images) read
+        from ``cache`` (an arm's ``latents/val``, encoded by tokenizer ``ckpt``)."""
+        n = self.eval_set()[1].shape[0]
+        z, _ = self.cached_latents(cache, ckpt, "test")
+        if z.shape[0] < n:
+            raise ValueError(
+                f"latent cache {str(cache)!r} holds {z.shape[0]} test images, fewer than the"
+                f" {n} evaluation images"
+            )
+        return z[:n]
 
     def latent_cache(self, arm: Arm, ckpt: Path) -> Path:
         """``arms/<arm>/latents/{train,val}`` encoded once with the final tokenizer."""
