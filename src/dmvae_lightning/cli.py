@@ -40,6 +40,7 @@ from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCL
 
 from dmvae_lightning.callbacks.requeue import SynchronizedRequeue  # noqa: E402
 from dmvae_lightning.nonfinite import NonFiniteError  # noqa: E402
+from dmvae_lightning.utils.malloc import tune_malloc  # noqa: E402
 
 #: ``dmvae <command>`` -> (``module:function`` called with the remaining arguments, summary).
 #: Imported only when the command runs (``study`` may be absent from an installation).
@@ -316,6 +317,7 @@ def main(args: ArgsType = None, run: bool = True) -> LightningCLI | None:
     runs that module's ``main`` with the remaining arguments and returns None.
     """
     quiet_vendor_messages()
+    tune_malloc()  # keep freed tensor memory for the next batch (DMVAE_TUNE_MALLOC=0: glibc's)
     argv = sys.argv[1:] if args is None else args
     if isinstance(argv, (list, tuple)) and argv and (argv[0] in COMMANDS or argv[0] in ALIASES):
         run_command(argv[0], list(argv[1:]))

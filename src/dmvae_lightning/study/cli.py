@@ -10,6 +10,7 @@ from typing import Any
 from dmvae_lightning.study.arms import ARMS_DIR, DEFAULT_GENERATOR_STEPS, DEFAULT_SEEDS, load_arms
 from dmvae_lightning.study.driver import Study
 from dmvae_lightning.study.report import study_markdown
+from dmvae_lightning.utils.malloc import tune_malloc
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -60,6 +61,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--unit", default=None, help=argparse.SUPPRESS)  # a --jobs worker
     args = parser.parse_args(argv)
+    tune_malloc()  # every worker process too: they run this main (--unit)
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
     if args.generator_steps < 0:
