@@ -19,7 +19,7 @@ from dmvae_lightning import study
 from dmvae_lightning.latents import LatentCache
 from dmvae_lightning.study import driver
 from dmvae_lightning.study.arms import QUICK_TRAINER
-from dmvae_lightning.study.evaluation import in_chunks, linear_probe, seeded_indices
+from dmvae_lightning.study.evaluation import CHUNK, in_chunks, linear_probe, seeded_indices
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -414,6 +414,38 @@ def test_quick_study_end_to_end_and_resume(tmp_path, fashion_mnist_root, monkeyp
     (swapped / "train").symlink_to(cache / "val")
     with pytest.raises(ValueError, match="is not of the training images"):
         again.evaluate_tokenizer(again.arm("gaussian"), tok_ckpt, swapped)
+
+
+def test_chunked_passes_equal_one_batched_pass_bit_for_bit():
+    """The study encodes and decodes in chunks of CHUNK rows (to keep a ch-32 encoder's
+    activations under tune_malloc's mmap threshold); with one torch thread (a study worker's)
+    its latents and reconstructions must be those of one call over all rows, to the last bit,
+    so the chunk size moves no result. (With more threads oneDNN splits the work by batch
+    size, and a few rows may differ in the last bits, as between thread counts.)"""
+    from dmvae_lightning.modules.dmvae import DMVAEModule
+
+    torch.manual_seed(0)
+    tok = DMVAEModule(
+        stage="pretrain",
+        image_channels=1,
+        latent_channels=4,
+        encoder={"name": "conv", "ch": 32, "ch_mult": [1, 2, 2], "num_res_blocks": 1},
+        bottleneck_hidden=128,
+        bottleneck_gaussian=True,
+        decoder={"ch": 16, "ch_mult": [1, 2, 2], "num_res_blocks": 1, "mid_attention": False},
+    ).tokenizer.eval()
+    x = torch.rand(CHUNK + 37, 1, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            z = tok.encode(x)
+            rec = tok.decode(z)
+        assert CHUNK < len(x)  # two chunks, the second a partial one
+        assert torch.equal(in_chunks(tok.encode, x), z)
+        assert torch.equal(in_chunks(tok.decode, z), rec)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_latent_distances_grow_with_the_shift_and_leave_the_global_rng_alone():

@@ -36,6 +36,7 @@ from dmvae_lightning.study.arms import (
     stage_kind,
 )
 from dmvae_lightning.study.evaluation import (
+    CHUNK,
     fashion_mnist,
     flow_matching_loss,
     in_chunks,
@@ -661,7 +662,7 @@ class Study:
             load_tokenizer(ckpt),
             data,
             out,
-            batch_size=500,
+            batch_size=CHUNK,
             progress=False,
             dtype="float32",
             tokenizer_ckpt=ckpt,

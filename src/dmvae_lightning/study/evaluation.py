@@ -47,8 +47,18 @@ def seeded_subset(
     return x[order], y[order]
 
 
+CHUNK = 250
+"""Rows per encoder / decoder call of the study's no-grad passes (latent caches, tokenizer
+evaluation). At 32x32 a ch-32 encoder's activations for 250 images (31 MiB) still fit under
+the 32 MiB mmap threshold of :func:`~dmvae_lightning.utils.malloc.tune_malloc`, 500 do not:
+encoding with chunks of 250 took 0.75x the time of 500 (``kl_vae``, one thread), and gave the
+same latents bit for bit in one torch thread, a study worker's (the ``kl_vae``,
+``kl_vae_narrow`` and ``dmvae_ssl`` tokenizers; ``tests/test_study.py``); with more threads
+a few rows may differ in the last bits, as they do between thread counts."""
+
+
 def in_chunks(
-    fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, size: int = 500
+    fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, size: int = CHUNK
 ) -> torch.Tensor:
     """``fn`` applied to ``x`` in slices of ``size`` rows without gradients, concatenated."""
     with torch.no_grad():
