@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_align import rotated
 
 VARIANTS = ("default", "tuned")
 WORKLOADS = ("sample", "decode", "encode", "train")
@@ -120,8 +121,7 @@ def main() -> None:
         return
     runs: dict[str, list[dict[str, float]]] = {v: [] for v in VARIANTS}
     for r in range(args.rounds):
-        order = VARIANTS[r % 2 :] + VARIANTS[: r % 2]
-        for variant in order:
+        for variant in rotated(list(VARIANTS), r):
             runs[variant].append(run_variant(variant, args))
     med = {v: {k: statistics.median(d[k] for d in runs[v]) for k in runs[v][0]} for v in VARIANTS}
     print(

@@ -3,14 +3,15 @@
 PyTorch's CPU allocator is the C library's ``malloc``. glibc serves a request above its mmap
 threshold (128 KiB at start, raised on the fly to the largest mmapped block freed so far) with a
 fresh ``mmap``, and gives the top of its heap back to the system once more than the trim
-threshold (128 KiB at start, then twice the mmap threshold) is free there. A loop that
-allocates and frees the same megabyte-sized activations at every call (the decoder on 500 latents, the encoder over a data
-set, the DiT sampler's 50 Euler steps) then keeps asking the kernel for zeroed pages: page
-faults, not arithmetic. :func:`tune_malloc` fixes both thresholds (``mallopt``), so that
-blocks up to ``mmap_threshold`` come from the heap and up to ``trim_threshold`` of free heap
-is kept. ``benchmarks/bench_malloc.py`` (one thread, the study's sizes): decoding 0.57x the
-time, encoding 0.69x, sampling 0.85-1.02x, a training step unchanged (it keeps its memory
-between steps anyway); a whole study arm 0.91x, with the same results to the last bit.
+threshold (128 KiB at start, then twice the mmap threshold) is free there. A loop that allocates
+and frees the same megabyte-sized activations at every call (the decoder on 500 latents, the
+encoder over a data set, the DiT sampler's 50 Euler steps) then keeps asking the kernel for
+zeroed pages: page faults, not arithmetic. :func:`tune_malloc` fixes both thresholds
+(``mallopt``), so that blocks up to ``mmap_threshold`` come from the heap and up to
+``trim_threshold`` of free heap is kept. ``benchmarks/bench_malloc.py`` (one thread, the study's
+sizes): decoding 0.57x the time, encoding 0.69x, sampling 0.85-1.02x, a training step unchanged
+(it keeps its memory between steps anyway); a whole study arm 0.91x, with the same results to
+the last bit.
 
 The ``dmvae`` command (every subcommand, ``make demo`` too) and ``python -m
 dmvae_lightning.study`` (its worker processes too) call it at start; ``DMVAE_TUNE_MALLOC=0``
