@@ -754,13 +754,11 @@ class Study:
         tok_ckpt = self.tokenizer(arm)
         cache = self.latent_cache(arm, tok_ckpt)
         tok_file = arm_dir / "tokenizer.json"
-        if tok_file.is_file() and json.loads(tok_file.read_text()).get("checkpoint") == str(
-            tok_ckpt
-        ):
-            tok_result = json.loads(tok_file.read_text())
-        else:
-            tok_result = self.evaluate_tokenizer(arm, tok_ckpt, cache)
-            write_json(tok_file, tok_result)
+        saved = json.loads(tok_file.read_text()) if tok_file.is_file() else {}
+        if saved.get("checkpoint") == str(tok_ckpt):
+            return tok_ckpt, saved, cache
+        tok_result = self.evaluate_tokenizer(arm, tok_ckpt, cache)
+        write_json(tok_file, tok_result)
         return tok_ckpt, tok_result, cache
 
     def run_seed(self, arm: Arm, tokenizer: Path, cache: Path, seed: int) -> dict[str, Any]:
