@@ -25,6 +25,14 @@ after ``--warmup``) and the ratio::
 (encoder, decoder, discriminator) stored NCHW against NHWC (``channels_last``), at ``--ch``::
 
     python benchmarks/bench_kl_vae.py --threads 1 --channels_last --ch 16
+
+``--compile`` compares eager with ``torch.compile`` (inductor) at ``--ch``: the encoder and
+decoder compiled (the module's ``compile`` option), then the discriminator too. Each variant
+reports its steady step time and the seconds of its ``--warmup`` steps, whose excess over the
+eager warm-up is compilation (cold: inductor's graph cache on disk is off); from these it prints
+the steps after which compiling pays::
+
+    python benchmarks/bench_kl_vae.py --threads 1 --compile --ch 32 --warmup 3 --steps 10 --rounds 1
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ from torch.utils.data import DataLoader
 
 from dmvae_lightning.losses.matching import GaussianKLLoss
 from dmvae_lightning.modules.dmvae import DMVAEModule
+from dmvae_lightning.utils.compile import compile_module
 
 
 class RecomputeKL(DMVAEModule):
@@ -48,10 +57,12 @@ class RecomputeKL(DMVAEModule):
         return self.tokenizer.encoder(x)
 
 
-def build(cls: type[DMVAEModule], ch: int = 32) -> DMVAEModule:
-    """The KL-VAE of the study's arm with a conv encoder of width ``ch``."""
+def build(cls: type[DMVAEModule], ch: int = 32, compile: bool = False) -> DMVAEModule:
+    """The KL-VAE of the study's arm with a conv encoder of width ``ch`` (encoder and decoder
+    compiled with ``compile``)."""
     torch.manual_seed(0)
     return cls(
+        compile=compile,
         stage="pretrain",
         image_channels=1,
         latent_channels=4,
@@ -73,16 +84,29 @@ def build(cls: type[DMVAEModule], ch: int = 32) -> DMVAEModule:
 
 
 def run(
-    cls: type[DMVAEModule], args: argparse.Namespace, ch: int = 32, nhwc: bool = False
+    cls: type[DMVAEModule],
+    args: argparse.Namespace,
+    ch: int = 32,
+    nhwc: bool = False,
+    compile: str = "",
+    warmup_seconds: list[float] | None = None,
 ) -> float:
-    module = build(cls, ch)
+    """ms per step of ``args.steps`` steps after ``args.warmup``; appends the warm-up's seconds
+    (from ``trainer.fit``'s call to the end of the last warm-up step) to ``warmup_seconds``.
+    ``compile``: "" eager, "tokenizer" encoder and decoder, "all" the discriminator too."""
+    module = build(cls, ch, compile=bool(compile))
+    if compile == "all":
+        compile_module(module.discriminator, True, "discriminator")
     if nhwc:
         for part in (module.tokenizer.encoder, module.tokenizer.decoder, module.discriminator):
             part.to(memory_format=torch.channels_last)
     total = args.warmup + args.steps + 1
     loader = DataLoader(RandomImages(total * args.batch_size), batch_size=args.batch_size)
+    start = time.perf_counter()
     ends = timed_fit(module, loader)
     a = args.warmup - 1
+    if warmup_seconds is not None:
+        warmup_seconds.append(ends[a] - start)
     return (ends[a + args.steps] - ends[a]) / args.steps * 1e3
 
 
@@ -134,6 +158,33 @@ def compare_formats(args: argparse.Namespace) -> None:
     print(f"  channels_last / contiguous : {nhwc / nchw:.3f}")
 
 
+def compare_compile(args: argparse.Namespace) -> None:
+    names = {"eager": "", "compiled encoder + decoder": "tokenizer", "compiled all": "all"}
+    step: dict[str, list[float]] = {n: [] for n in names}
+    warm: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(args.rounds):
+        for name in rotated(list(names), r):
+            torch._dynamo.reset()  # every compiled variant compiles afresh,
+            torch._inductor.config.fx_graph_cache = False  # without inductor's cache on disk
+            step[name].append(
+                run(DMVAEModule, args, args.ch, compile=names[name], warmup_seconds=warm[name])
+            )
+    print(
+        f"KL-VAE training step, encoder ch {args.ch}, batch {args.batch_size}, "
+        f"{torch.get_num_threads()} threads; median of {args.rounds} rounds"
+    )
+    s0, w0 = statistics.median(step["eager"]), statistics.median(warm["eager"])
+    for name in names:
+        s, w = statistics.median(step[name]), statistics.median(warm[name])
+        extra = w - w0 - args.warmup * (s - s0) / 1e3
+        line = f"  {name:<27} {s:8.1f} ms / step ({s / s0:.3f}x)   warm-up {w:6.1f} s"
+        if name != "eager":
+            gain = (s0 - s) / 1e3
+            pays = f"pays after {extra / gain:.0f} steps" if gain > 0 else "never pays"
+            line += f"   compilation ~{extra:.0f} s, {pays}"
+        print(line)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch_size", type=int, default=64)
@@ -145,12 +196,18 @@ def main() -> None:
         "--widths", default=None, help="comma-separated encoder widths to compare instead"
     )
     parser.add_argument("--channels_last", action="store_true", help="compare memory formats")
-    parser.add_argument("--ch", type=int, default=32, help="encoder width (--channels_last)")
+    parser.add_argument("--compile", action="store_true", help="compare eager and compiled")
+    parser.add_argument(
+        "--ch", type=int, default=32, help="encoder width (--channels_last, --compile)"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.channels_last:
         compare_formats(args)
+        return
+    if args.compile:
+        compare_compile(args)
         return
     if args.widths:
         compare_widths([int(w) for w in args.widths.split(",")], args)
