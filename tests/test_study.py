@@ -239,6 +239,29 @@ def test_cli_table_selects_one_tables_arms(capsys):
     assert "--generator_steps must be >= 0" in capsys.readouterr().err
 
 
+def test_cli_names_the_option_of_a_bad_arm_seed_or_root(capsys, tmp_path):
+    """A misspelt arm, a seed that is not an integer or repeats, and a ``--root`` without arm
+    files are argparse errors (exit 2) naming the option, not tracebacks or empty studies."""
+    from dmvae_lightning.study.cli import main
+
+    arms = ["--arms", "kl_vae,klvae_narow"]  # the error names the unknown one, with a match
+    cases = [
+        (arms, ["--arms", "'klvae_narow'", "kl_vae_narrow", "--list"], ["'kl_vae'"]),
+        (["--seeds", "0,a"], ["--seeds", "'0,a'"], []),
+        (["--seeds", "0,1,0"], ["--seeds", "each seed once"], []),
+        (["--arms", "kl_vae", "--root", str(tmp_path)], ["--root", str(tmp_path)], []),
+    ]
+    for argv, words, absent in cases:
+        argv = ["--root", str(ROOT), "--list", *argv]
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert all(word in err for word in words) and not any(w in err for w in absent), err
+    main(["--root", str(ROOT), "--list", "--arms", "kl_vae", "--seeds", "3,1"])
+    assert capsys.readouterr().out.split()[0] == "kl_vae"
+
+
 def test_summary_is_mean_and_sample_std():
     rows = [{"seed": s, "gfid": g, "eval_seconds": 60.0 + s} for s, g in enumerate([1.0, 2.0, 4.0])]
     s = study.summarize(rows)

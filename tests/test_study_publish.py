@@ -112,6 +112,25 @@ def test_publish_names_what_is_missing(docs_root: Path):
         publish.main(["--arms", "cfg3"])  # --arms without --runs
 
 
+def test_publish_cli_errors_name_the_runs_folder_and_the_arm(docs_root: Path, capsys):
+    """A --runs folder where no study ran, and an arm that has not finished there, are argparse
+    errors (exit 2) naming them, and the published rows stay as they were."""
+    before = (docs_root / publish.RESULTS).read_text()
+    root = ["--root", str(docs_root), "--no_figures"]
+    missing = docs_root / "runs_typo"
+    (docs_root / "runs" / "arms").mkdir(parents=True)
+    for argv, words in [
+        (["--runs", str(missing)], [f"--runs {missing}", "no arms/ folder"]),
+        (["--runs", str(docs_root / "runs"), "--arms", "gaussian"], ["'gaussian' has not"]),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            publish.main(root + argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert all(word in err for word in words), err
+    assert (docs_root / publish.RESULTS).read_text() == before
+
+
 def test_publish_rerun_compares_without_touching_the_published_rows(docs_root: Path):
     page = docs_root / publish.DOC
     page.write_text(page.read_text() + "<!-- study-rerun -->\n<!-- /study-rerun -->\nend\n")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,31 @@ from dmvae_lightning.study.arms import ARMS_DIR, DEFAULT_GENERATOR_STEPS, DEFAUL
 from dmvae_lightning.study.driver import Study
 from dmvae_lightning.study.report import study_markdown
 from dmvae_lightning.utils.malloc import tune_malloc
+
+
+def seed_list(text: str) -> list[int]:
+    """``--seeds``: distinct comma-separated integers, e.g. ``0,1,2``."""
+    try:
+        seeds = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"comma-separated integers such as 0,1,2, got {text!r}"
+        ) from None
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"each seed once (a repeat would count twice), got {text}")
+    return seeds
+
+
+def unknown_arms(names: Sequence[str], known: Sequence[str]) -> str:
+    """The error for ``--arms`` names that are not arm files: each with its close matches."""
+    parts = []
+    for name in names:
+        near = difflib.get_close_matches(name, known, n=3)
+        parts.append(f"{name!r}" + (f" (did you mean {', '.join(near)}?)" if near else ""))
+    return (
+        f"--arms: no arm file for {'; '.join(parts)}; `dmvae study --list` lists the "
+        f"{len(known)} arms"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -30,8 +56,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument(
         "--seeds",
-        default=",".join(map(str, DEFAULT_SEEDS)),
-        help="generator seeds, comma-separated",
+        type=seed_list,
+        default=list(DEFAULT_SEEDS),
+        help=f"generator seeds, comma-separated (default {','.join(map(str, DEFAULT_SEEDS))})",
     )
     parser.add_argument("--quick", action="store_true", help="seconds-long stages (tests)")
     parser.add_argument(
@@ -73,7 +100,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
         torch.set_num_threads(args.threads)
     names = args.arms.split(",") if args.arms else None
-    arms = load_arms(Path(args.root) / ARMS_DIR, names=names)
+    arms_dir = Path(args.root) / ARMS_DIR
+    known = sorted(path.stem for path in arms_dir.glob("*.yaml"))
+    if not known:
+        parser.error(f"no arm files (*.yaml) in {arms_dir}: --root must be the repository root")
+    if names and (missing := [name for name in names if name not in known]):
+        parser.error(unknown_arms(missing, known))
+    arms = load_arms(arms_dir, names=names)
     if names:  # run in the order given (the report keeps the table order)
         arms.sort(key=lambda a: names.index(a.key))
     if args.table is not None:
@@ -87,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     study = Study(
         args.runs,
         root=args.root,
-        seeds=[int(s) for s in args.seeds.split(",")],
+        seeds=args.seeds,
         quick=args.quick,
         generator_steps=args.generator_steps or None,
     )

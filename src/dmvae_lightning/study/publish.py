@@ -281,6 +281,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     args = parser.parse_args(argv)
     if args.arms and args.runs is None:
         parser.error("--arms names arms of a runs folder: give --runs too")
+    if args.runs is not None and not (args.runs / "arms").is_dir():
+        parser.error(f"--runs {args.runs}: no arms/ folder there, so no study ran in it")
     try:
         rows = publish(
             args.root.resolve(),
@@ -290,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
             rerun=args.rerun,
             generator_steps=args.generator_steps or None,
         )
-    except ValueError as err:
+    except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
     print(
         f"[publish] {len(rows)} arms -> {RESULTS}, {DOC}, {', '.join(map(str, FIGURES.values()))}"
