@@ -337,11 +337,22 @@ def test_step_logs_reach_tensorboard_on_the_written_batches(tmp_path, stage_ckpt
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     cli = build(tmp_path, stage_ckpts, "--trainer.log_every_n_steps", "3")
+    logged_at: list[int] = []  # batch_count (already advanced) at each training log_dict
+    log_dict = cli.model.log_dict
+
+    def spy(*args, **kwargs):
+        if cli.model.training:
+            logged_at.append(int(cli.model.batch_count))
+        return log_dict(*args, **kwargs)
+
+    cli.model.log_dict = spy
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert logged_at == [3, 6]  # batches 2 and 5 only: the others skip self.log
     events = sorted((tmp_path / "lightning_logs").rglob("events.out.tfevents*"))
     acc = EventAccumulator(str(events[-1].parent))
     acc.Reload()
     g_loss = acc.Scalars("train/g_loss")
     fake = acc.Scalars("train/fake_loss")
     assert len(g_loss) == 2 and len(fake) == 2
+    assert [e.step for e in g_loss] == [e.step for e in fake]
     assert all(e.value > 0 for e in g_loss + fake)

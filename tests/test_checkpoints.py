@@ -158,11 +158,17 @@ def test_checkpoint_from_before_storage_by_reference_still_loads(tmp_path, stage
     cli = align(tmp_path / "run", stage_ckpts["tokenizer"], stage_ckpts["reference"])
     state = cli.model.state_dict()
     old = {k: v for k, v in state.items() if k != "matching_loss.real_sha256"}
+    stored = {}  # values the reference file does not hold, so that loading them shows
     for name, tensor in cli.model.matching_loss.real.state_dict().items():
-        old[f"matching_loss.real.{name}"] = tensor.clone()
+        stored[name] = tensor + 1 if tensor.is_floating_point() else tensor.clone()
+        old[f"matching_loss.real.{name}"] = stored[name]
+    assert any(t.is_floating_point() for t in stored.values())
     other = align(tmp_path / "other", stage_ckpts["tokenizer"], stage_ckpts["reference"])
     other.model.load_state_dict(old)
-    assert checkpoints(tmp_path) == []
+    loaded = other.model.matching_loss.real.state_dict()
+    assert loaded.keys() == stored.keys()
+    for name, tensor in stored.items():
+        assert torch.equal(loaded[name], tensor), name
 
 
 def test_init_from_refuses_a_changed_reference_file(tmp_path, stage_ckpts):

@@ -169,11 +169,18 @@ def test_finetune_stage_starts_from_stage1_and_freezes_encoder(tmp_path):
 
 
 def test_bf16_mixed_precision_trains(tmp_path):
-    """Trainer precision picks bf16 autocast; losses stay finite and the weights move."""
+    """Trainer precision picks bf16 autocast (the training forwards' convolutions run in
+    bf16); losses stay finite and the weights move."""
     cli = build(tmp_path, "--trainer.max_epochs", "1", "--trainer.precision", "bf16-mixed")
-    before = cli.model.tokenizer.decoder.conv_out.weight.detach().clone()
+    assert cli.trainer.precision == "bf16-mixed"
+    conv_out = cli.model.tokenizer.decoder.conv_out
+    before = conv_out.weight.detach().clone()
+    seen: list[tuple[bool, torch.dtype]] = []
+    conv_out.register_forward_hook(lambda m, _, out: seen.append((m.training, out.dtype)))
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    after = cli.model.tokenizer.decoder.conv_out.weight
+    training = {dtype for was_training, dtype in seen if was_training}
+    assert training == {torch.bfloat16}, seen
+    after = conv_out.weight
     assert after.dtype == torch.float32  # master weights stay fp32
     assert not torch.equal(before, after)
     assert torch.isfinite(cli.trainer.callback_metrics["loss"])
@@ -218,9 +225,12 @@ def test_frozen_timm_encoder_trains_only_bottleneck_and_decoder(tmp_path):
     model = cli.model
     enc = {k: v.clone() for k, v in model.tokenizer.encoder.state_dict().items()}
     dec = model.tokenizer.decoder.conv_out.weight.detach().clone()
+    neck = {k: v.clone() for k, v in model.tokenizer.bottleneck.state_dict().items()}
     cli.trainer.fit(model, datamodule=cli.datamodule)
     assert all(torch.equal(v, enc[k]) for k, v in model.tokenizer.encoder.state_dict().items())
     assert not torch.equal(model.tokenizer.decoder.conv_out.weight, dec)
+    bottleneck = model.tokenizer.bottleneck.state_dict()
+    assert neck and any(not torch.equal(v, neck[k]) for k, v in bottleneck.items())
     assert model.encode(torch.zeros(2, 1, 32, 32)).shape == (2, 4, 4, 4)
     ema_keys = [k for k in model.state_dict() if k.startswith("ema.")]
     assert ema_keys and not [k for k in ema_keys if k.startswith("ema.encoder")]

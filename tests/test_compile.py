@@ -108,9 +108,14 @@ def test_dit_inductor_forward_matches_eager():
     eager = tiny_dit().eval()
     compiled = copy.deepcopy(eager)
     compile_module(compiled, True)
+    assert compiled._compiled_call_impl is not None and eager._compiled_call_impl is None
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     x, t, y = torch.randn(3, 2, 4, 4), torch.tensor([0.1, 0.5, 0.9]), torch.tensor([0, 1, 3])
     with torch.no_grad():
         expected, got = eager(x, t, y), compiled(x, t, y)
+    # dynamo captured the forward (a silently eager "compiled" module would compare eager
+    # with eager)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs
     assert expected.abs().max() > 1e-2
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     assert list(compiled.state_dict()) == list(eager.state_dict())

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dmvae_lightning import flow
 from dmvae_lightning.cli import main
 from dmvae_lightning.convert import convert_public_dit, convert_public_tokenizer
 from dmvae_lightning.latents import load_frozen_tokenizer
@@ -334,10 +335,26 @@ def test_imported_dit_samples_and_decodes_with_imported_tokenizer(dit_ckpt, toke
     gen = torch.Generator().manual_seed(0)
     z = module.sample(labels, steps=3, sampler="euler", generator=gen)
     assert z.shape == (2, 32, 4, 4) and torch.isfinite(z).all()
+    # the same three Euler steps written out on the imported DiT (EMA weights in), from the
+    # same noise: the samples are the DiT's, not the noise's
+    hp = module.hparams
+    noise = torch.randn((2, 32, 4, 4), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), module.ema_scope():
+        x = flow.euler_sample(
+            lambda x, t: module.dit.forward_with_cfg(x, t, labels, hp.sample_cfg),
+            noise,
+            3,
+            hp.sample_shift,
+        )
+    torch.testing.assert_close(z, module.denormalize(x), rtol=1e-5, atol=1e-5)
+    assert (z - module.denormalize(noise)).abs().max() > 1e-2
     gen = torch.Generator().manual_seed(0)
     images = module.sample(labels, steps=3, sampler="euler", generator=gen, decode=True)
     assert images.shape == (2, 3, 64, 64) and torch.isfinite(images).all()
-    torch.testing.assert_close(images, module.decode(z), rtol=0, atol=1e-5)
+    # decoded by the imported tokenizer, loaded here on its own
+    with torch.no_grad():
+        want = load_frozen_tokenizer(str(tokenizer_ckpt)).decode(z)
+    torch.testing.assert_close(images, want, rtol=0, atol=1e-5)
 
 
 def test_import_public_command(dit_fx, vae_fx, dino, tmp_path):
@@ -368,7 +385,9 @@ def test_import_public_command(dit_fx, vae_fx, dino, tmp_path):
 def test_public_dmvae_config_predicts_with_imported_weights(
     dit_ckpt, tokenizer_ckpt, tmp_path, monkeypatch
 ):
-    """The shipped sampling config, pointed at the fixture imports, on CPU with synthetic labels."""
+    """The shipped sampling config, pointed at the fixture imports, on CPU with synthetic labels:
+    the PNGs are the samples ``sample`` draws with the config's sampler settings and the noise of
+    batch 0 (the samplers themselves: tests/test_diffusion_module.py)."""
     monkeypatch.chdir(tmp_path)  # the PredictionWriter's relative output_dir lands here
     main(
         [
@@ -395,6 +414,24 @@ def test_public_dmvae_config_predicts_with_imported_weights(
     )
     pngs = sorted((tmp_path / "runs" / "imagenet" / "public_samples" / "images").glob("*.png"))
     assert len(pngs) == 2
+    import numpy as np
     from PIL import Image
 
-    assert Image.open(pngs[0]).size == (64, 64)
+    from dmvae_lightning.utils.rng import step_seed
+
+    written = torch.from_numpy(np.stack([np.asarray(Image.open(p)) for p in pngs]))
+    assert written.shape == (2, 64, 64, 3)
+    # the same samples drawn here: the config's sampler (SDE, cfg 1, shift 1), 2 steps, the
+    # noise of batch 0 on rank 0 (seed 0), the labels the files are named with
+    module = LatentDiffusionModule.load_from_checkpoint(
+        dit_ckpt, tokenizer_ckpt=str(tokenizer_ckpt)
+    ).eval()
+    labels = torch.tensor([int(p.stem.rpartition("_c")[2]) for p in pngs])
+    gen = torch.Generator().manual_seed(step_seed(0, 0, 0))
+    z = module.sample(labels, steps=2, cfg=1.0, sampler="sde", shift=1.0, generator=gen)
+    images = (module.decode(z).clamp(-1, 1) + 1) / 2
+    want = images.mul(255).add(0.5).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+    assert (written.int() - want.int()).abs().max() <= 1
+    assert written.float().std() > 5  # images, not a constant grey
+    other = module.sample(labels, steps=2, cfg=1.0, sampler="sde", shift=1.0, generator=gen)
+    assert (other - z).abs().max() > 1e-3  # the next noise gives other samples

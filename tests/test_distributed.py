@@ -245,7 +245,9 @@ def test_generator_step_equals_single_process(tmp_path, fashion_mnist_root, dete
     assert_close(ranks[0], single, rtol=1e-4, atol=1e-5)
 
 
-def test_batchnorm_discriminator_statistics_follow_rank_0(tmp_path, fashion_mnist_root):
+def test_batchnorm_discriminator_statistics_follow_rank_0(
+    tmp_path, fashion_mnist_root, monkeypatch
+):
     """Stage 1 with a BatchNorm discriminator: each rank normalises its own batch, and the
     running statistics, which differ per rank after every step, are broadcast from rank 0, so
     all weights and buffers end bit-identical; the statistics did move."""
@@ -267,6 +269,20 @@ def test_batchnorm_discriminator_statistics_follow_rank_0(tmp_path, fashion_mnis
     assert_equal(ranks[0], ranks[1])
     counts = [k for k in ranks[0] if k.endswith("num_batches_tracked")]
     assert counts and all(int(ranks[0][k]) > 0 for k in counts)
+    # the same run without the broadcast: each rank keeps its own statistics. Rank 0's equal
+    # the broadcast run's (the source was rank 0), rank 1's do not; training-mode BatchNorm
+    # never reads them, so the weights are the same in both runs
+    import dmvae_lightning.distributed as distributed
+
+    monkeypatch.setattr(distributed, "norm_statistics", lambda model: [])
+    apart = run(tmp_path / "no_broadcast", args, 2, 8, DDP)
+    stats = [k for k in ranks[0] if k.startswith("discriminator.") and "running_" in k]
+    assert stats and any(ranks[0][k].abs().max() > 1e-3 for k in stats if "mean" in k)
+    for k in stats:
+        assert torch.equal(apart[0][k], ranks[0][k]), k
+    assert any(not torch.equal(apart[1][k], ranks[0][k]) for k in stats)
+    weights = [k for k in ranks[0] if k.startswith("discriminator.") and k.endswith("weight")]
+    assert weights and all(torch.equal(apart[0][k], ranks[0][k]) for k in weights)
 
 
 def test_align_resumes_mid_epoch_across_ranks(tmp_path, stage_ckpts):

@@ -225,9 +225,16 @@ def test_unpatchify_channel_order_is_p_q_c():
 
 
 def test_grad_checkpointing_same_output_and_grads():
+    """Checkpointed blocks run again in backward (each block twice per step instead of once)
+    and give the same output and gradients."""
     ref = _tiny().train()
     ckpt = _tiny(grad_checkpointing=True).train()
     ckpt.load_state_dict(ref.state_dict())
+    calls = {"ref": 0, "ckpt": 0}
+    for key, model in (("ref", ref), ("ckpt", ckpt)):
+        for block in model.blocks:
+            # a pre-hook: the recomputation stops early, once it has what backward needs
+            block.register_forward_pre_hook(lambda *_, k=key: calls.__setitem__(k, calls[k] + 1))
     x, t, y = _inputs()
     forced = torch.zeros_like(y)  # no random label dropout
     out_ref = ref(x, t, y, forced)
@@ -235,6 +242,8 @@ def test_grad_checkpointing_same_output_and_grads():
     torch.testing.assert_close(out_ckpt, out_ref, rtol=0, atol=0)
     out_ref.square().sum().backward()
     out_ckpt.square().sum().backward()
+    depth = len(ref.blocks)
+    assert depth > 0 and calls == {"ref": depth, "ckpt": 2 * depth}  # recomputed in backward
     for (name, a), (_, b) in zip(ref.named_parameters(), ckpt.named_parameters(), strict=True):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7, msg=name)
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_same
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -37,16 +38,19 @@ from dmvae_lightning.sampling import (
     DiffusionGenerator,
     balanced_labels,
     blocks_of_rank,
+    load_module,
     pack_samples,
     sample_path,
     write_samples,
 )
 
 
-def save_classifier_checkpoint(path: Path, seed: int = 0) -> Path:
-    """A ClassifierModule checkpoint (untrained, fid_net design at small width)."""
+def save_classifier_checkpoint(path: Path, seed: int = 0, norm: str = "batch") -> Path:
+    """A ClassifierModule checkpoint (untrained, fid_net design at small width). Untrained with
+    ``norm="batch"`` (running statistics 0 / 1) its features barely vary between images;
+    ``"group"`` normalises each image, so its features tell images apart."""
     torch.manual_seed(seed)
-    module = ClassifierModule(widths=[8, 16, 32], norm="batch")
+    module = ClassifierModule(widths=[8, 16, 32], norm=norm)
     state = {
         "state_dict": module.state_dict(),
         "hyper_parameters": dict(module.hparams),
@@ -257,7 +261,8 @@ def test_stats_cache_hits_without_recomputing_and_misses_on_new_content(tmp_path
 def test_folder_sources_and_evaluate_cli(tmp_path, test_images):
     from dmvae_lightning.metrics.evaluate import main as evaluate_main
 
-    ckpt = save_classifier_checkpoint(tmp_path / "fid_net.ckpt")
+    # group norm: features that tell images apart (an untrained batch-norm net's barely vary)
+    ckpt = save_classifier_checkpoint(tmp_path / "fid_net.ckpt", norm="group")
     pixels = ((test_images[:60] + 1) * 127.5).round().to(torch.uint8)
     save_adm_samples(tmp_path / "samples.npz", pixels.permute(0, 2, 3, 1))
     folder = tmp_path / "real"
@@ -270,7 +275,17 @@ def test_folder_sources_and_evaluate_cli(tmp_path, test_images):
     args += ["--extractor", "domain", "--checkpoint", str(ckpt), "--isc_splits", "2"]
     result = evaluate_main([*args, "--cache_dir", str(tmp_path / "cache")])
     assert result["num_samples"] == 60 and abs(result["fid"]) < 1e-6  # same pixels both sides
-    assert result["is_mean"] >= 1.0
+    # IS over --isc_splits 2, as computed here from the extractor's logits of the samples
+    _, logits = DomainFeatures(ckpt).features_and_logits(pixels.float() / 127.5 - 1)
+    want = inception_score(logits, splits=2)
+    assert (result["is_mean"], result["is_std"]) == pytest.approx(want, rel=1e-4)
+    assert inception_score(logits, splits=10) != pytest.approx(want, rel=1e-4)
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 1
+    # other samples (the images negated) against the same reference: FID > 0, from the cache
+    save_adm_samples(tmp_path / "negated.npz", (255 - pixels).permute(0, 2, 3, 1))
+    args[1] = str(tmp_path / "negated.npz")
+    other = evaluate_main([*args, "--cache_dir", str(tmp_path / "cache")])
+    assert other["fid"] > 0.05
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 1
 
 
@@ -380,6 +395,9 @@ def test_sampling_cli_loads_the_checkpoint_and_names_missing_pieces(tmp_path):
         latent_mean=0.0,
         latent_scale=1.0,
     )
+    with torch.no_grad():  # weights no fresh module has, so that loading them shows
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
     ckpt = tmp_path / "gen.ckpt"
     torch.save(
         {
@@ -389,6 +407,10 @@ def test_sampling_cli_loads_the_checkpoint_and_names_missing_pieces(tmp_path):
         },
         ckpt,
     )
+    cls_path = "dmvae_lightning.modules.diffusion.LatentDiffusionModule"
+    loaded = load_module(str(ckpt), cls_path, None, "cpu")
+    assert type(loaded) is LatentDiffusionModule and not loaded.training
+    assert_same(loaded.state_dict(), module.state_dict())
     out = ["--out", str(tmp_path / "s"), "--num_samples", "4", "--no_progress"]
     with pytest.raises(ValueError, match="--tokenizer_ckpt"):
         sampling_main(["--ckpt", str(ckpt), *out])

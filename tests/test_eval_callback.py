@@ -60,7 +60,7 @@ class IdentityTokenizer(pl.LightningModule):
 def test_fid_monitor_logs_rfid_images_histograms_and_pca(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    ckpt = save_classifier_checkpoint(tmp_path / "fid_net.ckpt")
+    ckpt = save_classifier_checkpoint(tmp_path / "fid_net.ckpt", norm="group")
     monitor = FIDMonitor(
         extractor={"name": "domain", "checkpoint": str(ckpt)},
         every_n_batches=2,
@@ -95,15 +95,66 @@ def test_fid_monitor_logs_rfid_images_histograms_and_pca(tmp_path):
     assert {"eval/latents", "eval/reference"} <= set(tags["histograms"])
 
 
+class NegatingTokenizer(IdentityTokenizer):
+    """Reconstructs every image negated, so rFID > 0 and PSNR has a closed form."""
+
+    def decode(self, z):
+        return -z / self.scale
+
+
+def test_fid_monitor_rfid_and_psnr_are_those_of_the_decoded_reconstructions(tmp_path):
+    """rFID and PSNR are computed on what ``decode`` returns: with reconstructions -x they
+    equal the Frechet distance of the extractor's features of -x and x, and the PSNR of images
+    in [-1, 1] (peak-to-peak 2) computed here by hand."""
+    from dmvae_lightning.metrics import frechet_distance
+    from dmvae_lightning.metrics.fid import feature_stats
+
+    # group norm: an untrained net whose features tell images apart (batch norm's barely vary)
+    ckpt = save_classifier_checkpoint(tmp_path / "fid_net.ckpt", norm="group")
+    monitor = FIDMonitor(
+        extractor={"name": "domain", "checkpoint": str(ckpt)},
+        every_n_batches=2,
+        num_samples=24,
+        batch_size=24,
+        cache_dir=str(tmp_path / "cache"),
+    )
+    trainer = pl.Trainer(
+        max_steps=2,
+        accelerator="cpu",
+        logger=False,
+        callbacks=[monitor],
+        limit_val_batches=0,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(NegatingTokenizer(), datamodule=Data())
+    x = monitor.subset["image"]
+    rec = -x
+    mse = (rec - x).square().flatten(1).mean(1)
+    psnr = float((10 * torch.log10(4 / mse)).mean())
+    with torch.no_grad():
+        rfid = frechet_distance(
+            feature_stats(monitor.extractor(rec)), feature_stats(monitor.extractor(x))
+        )
+    assert rfid > 0.05  # the reconstructions are not the images, and the features see it
+    assert monitor.last_metrics["eval/rfid"] == pytest.approx(rfid, rel=1e-4)
+    assert monitor.last_metrics["eval/psnr"] == pytest.approx(psnr, rel=1e-5)
+
+
 def test_project_2d_pca_recovers_the_principal_plane():
     gen = torch.Generator().manual_seed(0)
     plane = torch.randn(200, 2, generator=gen) * torch.tensor([5.0, 2.0])
     basis = torch.linalg.qr(torch.randn(6, 6, generator=gen))[0][:, :2]
-    points = plane @ basis.T + 0.01 * torch.randn(200, 6, generator=gen)
+    # off the origin: the projection must centre the points, not only rotate them
+    points = plane @ basis.T + 0.01 * torch.randn(200, 6, generator=gen) + 10.0
     projected = project_2d(points)
     assert projected.shape == (200, 2)
-    # the projection keeps the in-plane variances (5^2, 2^2) up to the noise
+    # the projection keeps the in-plane variances (5^2, 2^2) up to the noise, is centred, and
+    # keeps every distance between points of the plane (up to the out-of-plane noise)
     assert projected.var(0).tolist() == pytest.approx([25.0, 4.0], rel=0.25)
+    assert projected.mean(0).abs().max() < 1e-4
+    assert torch.allclose(torch.cdist(projected, projected), torch.cdist(plane, plane), atol=0.1)
     with pytest.raises(ValueError, match="projection"):
         project_2d(points, "umap")
 

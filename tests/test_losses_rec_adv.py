@@ -317,6 +317,10 @@ def test_consistency_loss_closed_form():
     torch.testing.assert_close(
         consistency_loss(_mean_disc, x, lambda t: t + 1.0), torch.tensor(1.0)
     )
+    # per-image shifts d: the mean of d^2 (a squared error; |d| would give another number)
+    d = torch.tensor([0.5, 2.0, -3.0, 1.5])
+    shifted = consistency_loss(_mean_disc, x, lambda t: t + d.view(4, 1, 1, 1))
+    torch.testing.assert_close(shifted, d.square().mean())
     assert consistency_loss(_mean_disc, x, lambda t: t).item() == 0.0
 
 

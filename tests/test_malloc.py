@@ -9,10 +9,13 @@ import platform
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
 from dmvae_lightning.utils.malloc import tune_malloc
+
+REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.skipif(
     platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
@@ -80,7 +83,8 @@ def test_opt_out_keeps_glibc_defaults():
     [
         "from dmvae_lightning.cli import main\ntry:\n    main(['fit', '--help'])\n"
         "except SystemExit:\n    pass\napplied = None",
-        "from dmvae_lightning.study.cli import main\nmain(['--list'])\napplied = None",
+        "from dmvae_lightning.study.cli import main\n"
+        f"main(['--list', '--root', {str(REPO)!r}])\napplied = None",
     ],
     ids=["dmvae", "study"],
 )

@@ -426,6 +426,14 @@ def test_annealing_and_step_counter():
     assert int(loss.num_steps) == 1
     loss.update(z.detach())  # validation updates use, but do not advance, the counter
     assert int(loss.num_steps) == 1 and loss.t_range() == (0.0, 0.995)
+    assert float(loss.last_info["t_max"]) == pytest.approx(0.995)
+    # without ``step`` (how DMVAEModule calls it in training) the call reads the counter
+    loss.num_steps.fill_(50)
+    loss(z)
+    assert float(loss.last_info["t_max"]) == 0.75 and loss.last_info["t"].max() <= 0.75
+    assert int(loss.num_steps) == 51
+    loss.update(z.detach())
+    assert float(loss.last_info["t_max"]) == pytest.approx(1 - 0.5 * 0.51)
     lifted = DMDLoss(GaussianVelocity([0.0], [1.0]), anneal_steps=10, anneal_t_min=0.6)
     assert lifted.t_range(5) == (0.3, 1.0)
     with pytest.raises(ValueError, match="objective"):

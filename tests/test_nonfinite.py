@@ -48,15 +48,25 @@ def _lr_1e6(tmp_path: Path, *extra: str) -> list[str]:
 def test_exploding_tokenizer_stops_naming_batch_and_terms(tmp_path, fashion_mnist_root):
     """lr 1e6 without clipping (the run that used to end with 186 of 188 tensors NaN): the
     default stop mode raises before the first non-finite step, naming the batch, the step and
-    the loss terms, and leaves no non-finite checkpoint."""
+    the loss terms, and leaves no non-finite checkpoint: with a checkpoint after every step,
+    the one of step 1 (the last finite step) is written, finite, and named in the error."""
+    every_step = [
+        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+        "--trainer.callbacks.every_n_train_steps=1",
+        "--trainer.callbacks.save_top_k=-1",
+        f"--trainer.callbacks.dirpath={tmp_path / 'every_step'}",
+    ]
     with pytest.raises(NonFiniteError) as err:
-        main(_lr_1e6(tmp_path))
+        main(_lr_1e6(tmp_path, *every_step))
     message = str(err.value)
-    assert message.startswith("batch ") and "generator step" in message
+    assert message.startswith("batch 1, generator step: non-finite loss term(s)")
     assert "train/g_loss" in message
     assert "nonfinite.mode: skip" in message
-    for path in checkpoints(tmp_path):
-        assert not _nonfinite_tensors(path), path
+    last = tmp_path / "every_step" / "epoch=0-step=1.ckpt"
+    assert checkpoints(tmp_path) == [last]  # none of the failing step
+    assert f"last good checkpoint: {last}" in message
+    assert not _nonfinite_tensors(last)
+    assert torch.load(last, weights_only=True)["global_step"] == 1
 
 
 def test_exploding_tokenizer_skip_mode_finishes_finite(tmp_path, fashion_mnist_root):

@@ -135,6 +135,9 @@ def test_shipped_configs_keep_their_optimizer_numbers(config, capsys):
     expected = before_the_change(hp, cls, trains_fake)
     assert [type(o) for o in optimizers] == [type(o) for o in expected]
     assert [groups(o) for o in optimizers] == [groups(o) for o in expected]
+    # one warm-up schedule per optimizer (the toy's point alignment has none), so that the
+    # loop below cannot pass by having nothing to check
+    assert len(schedulers) == (0 if cls is PointAlignmentModule else len(optimizers))
     warmup = hp.get("warmup_steps")
     for entry in schedulers:
         assert entry["interval"] == "step"
@@ -239,8 +242,14 @@ def test_generator_sgd_and_fake_lr_from_yaml(tmp_path, stage_ckpts):
     )
     model = cli.model
     before = {k: p.detach().clone() for k, p in model.tokenizer.named_parameters()}
+    fake_before = [p.detach().clone() for p in model.matching_loss.fake_parameters()]
     cli.trainer.fit(model, datamodule=cli.datamodule)
     opt_g, opt_d, opt_f = cli.trainer.optimizers
+    # the fake model's AdamW stepped on every batch and moved the fake model
+    steps = {int(state["step"]) for state in opt_f.state.values()}
+    assert steps == {int(model.batch_count)} and int(model.batch_count) > 0
+    fake_after = list(model.matching_loss.fake_parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(fake_after, fake_before, strict=True))
     assert type(opt_g) is torch.optim.SGD and opt_g.defaults["momentum"] == 0.9
     assert type(opt_d) is torch.optim.AdamW and type(opt_f) is torch.optim.AdamW
     # warm-up (2 steps) reached its end: the base learning rates are the YAML's

@@ -228,6 +228,16 @@ def test_bank_files_are_memory_mapped_and_sampled_uniformly(tmp_path: Path) -> N
     wanted = torch.tensor([4, 0, 3, 3, 1] * 200)
     z, out_labels = draw(matched, 1000, labels=wanted)
     assert torch.equal(out_labels, wanted)
+    # each draw is a row of the wanted class, and uniform among that class's 10 rows
+    match = (z.flatten(1)[:, None, :] == table[None]).all(-1)
+    assert torch.equal(match.sum(1), torch.ones(1000, dtype=torch.long))
+    which = match.float().argmax(1)
+    assert torch.equal(torch.from_numpy(labels)[which], wanted)
+    for c in wanted.unique().tolist():
+        n = int((wanted == c).sum())  # 200 or 400 draws over 10 rows
+        counts = torch.bincount(which[wanted == c], minlength=50)[labels == c].float()
+        expected, sd = n / 10, (n * 0.1 * 0.9) ** 0.5
+        assert (counts - expected).abs().max() < 4 * sd, (c, counts)
 
     # a .pt dict read with mmap, and a latent-cache folder (view 0 of latents.npy)
     torch.save({"features": table.view(50, 2, 2, 2), "labels": torch.arange(50)}, tmp_path / "b.pt")

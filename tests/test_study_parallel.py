@@ -293,6 +293,17 @@ def test_run_units_stops_at_a_failure_and_names_its_log(tmp_path):
     with pytest.raises(RuntimeError, match=r"arm:x failed \(exit 3\).*arm_x\.log"):
         run_units(units, _sleeper(tmp_path, fail="arm:x"), 2, tmp_path / "logs", log=lambda _: 0)
     assert not (tmp_path / "seed_x_0.json").exists()  # nothing started after the failure
+    # an independent unit, ready when the failure is seen (one job: it waits for the slot),
+    # does not start either
+    with pytest.raises(RuntimeError, match=r"arm:y failed"):
+        run_units(
+            [Unit("arm:y"), Unit("shared:b")],
+            _sleeper(tmp_path, fail="arm:y"),
+            1,
+            tmp_path / "logs",
+            log=lambda _: 0,
+        )
+    assert (tmp_path / "arm_y.json").exists() and not (tmp_path / "shared_b.json").exists()
     with pytest.raises(ValueError, match="needs \\['shared:z'\\]"):
         run_units([Unit("arm:x", ("shared:z",))], _sleeper(tmp_path), 1, tmp_path / "logs")
     with pytest.raises(ValueError, match="--jobs must be >= 1"):
