@@ -57,6 +57,21 @@ class IdentityTokenizer(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.0)
 
 
+def fit(module: pl.LightningModule, monitor: FIDMonitor, max_steps: int, logger) -> None:
+    """``max_steps`` training steps of ``module`` on :class:`Data` with ``monitor`` on."""
+    trainer = pl.Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        logger=logger,
+        callbacks=[monitor],
+        limit_val_batches=0,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    trainer.fit(module, datamodule=Data())
+
+
 def test_fid_monitor_logs_rfid_images_histograms_and_pca(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -71,17 +86,7 @@ def test_fid_monitor_logs_rfid_images_histograms_and_pca(tmp_path):
         num_projected=24,
     )
     logger = pl.loggers.TensorBoardLogger(tmp_path, name="tb", version=0)
-    trainer = pl.Trainer(
-        max_steps=4,
-        accelerator="cpu",
-        logger=logger,
-        callbacks=[monitor],
-        limit_val_batches=0,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
-    trainer.fit(IdentityTokenizer(), datamodule=Data())
+    fit(IdentityTokenizer(), monitor, max_steps=4, logger=logger)
     assert monitor.cache.misses == 1 and monitor.cache.hits == 1  # 2 evaluations, 1 computation
     assert abs(monitor.last_metrics["eval/rfid"]) < 1e-6
     assert monitor.last_metrics["eval/psnr"] > 100
@@ -118,17 +123,7 @@ def test_fid_monitor_rfid_and_psnr_are_those_of_the_decoded_reconstructions(tmp_
         batch_size=24,
         cache_dir=str(tmp_path / "cache"),
     )
-    trainer = pl.Trainer(
-        max_steps=2,
-        accelerator="cpu",
-        logger=False,
-        callbacks=[monitor],
-        limit_val_batches=0,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-    )
-    trainer.fit(NegatingTokenizer(), datamodule=Data())
+    fit(NegatingTokenizer(), monitor, max_steps=2, logger=False)
     x = monitor.subset["image"]
     rec = -x
     mse = (rec - x).square().flatten(1).mean(1)
