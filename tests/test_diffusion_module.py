@@ -202,6 +202,16 @@ def test_sample_shapes_determinism_and_cfg():
         draw(1, decode=True)
 
 
+def test_a_conditional_model_refuses_batches_without_labels():
+    """A class-conditional module given unlabelled batches would train the null class only:
+    it is an error naming the option; its labels are used as given otherwise."""
+    model = _perturbed_module()
+    z = torch.zeros(2, 4, 16, 16)
+    with pytest.raises(ValueError, match=r"model.init_args.num_classes is 10 .* no 'label'"):
+        model.get_labels({"reference": z}, 2)
+    assert model.get_labels({"reference": z, "label": torch.tensor([3, 7])}, 2).tolist() == [3, 7]
+
+
 def test_sample_uses_ema_weights_and_denormalizes():
     """The EMA still holds the adaLN-Zero init (velocity 0), so sampling returns the noise,
     denormalised: noise / scale + mean; the raw (perturbed) weights move it."""
@@ -319,6 +329,26 @@ def test_latent_cache_round_trip_and_fingerprint(tmp_path, tokenizer_ckpt, fashi
         assert is_plain or torch.equal(item["reference"], z_flip[i])
         seen_views.add(is_plain)
     assert seen_views == {True, False}  # both views are served
+    fixed = LatentCache(tmp_path / "f32", random_view=False)  # validation / no hflip: view 0
+    assert all(torch.equal(fixed[i]["reference"], z[i]) for i in range(20) for _ in range(3))
+    # the data module: random views only for the training split with hflip; a cache whose
+    # labels exceed num_classes is refused, naming the option
+    from dmvae_lightning.data.reference import ReferenceDistribution
+
+    (tmp_path / "caches").mkdir()
+    for split in ("train", "val"):
+        (tmp_path / "caches" / split).symlink_to(tmp_path / "f32")
+    for hflip, split, random_view in [(True, "train", True), (True, "val", False),
+                                      (False, "train", False)]:  # fmt: skip
+        dm = ReferenceDistribution(
+            dataset="latent_cache", root=str(tmp_path / "caches"), num_classes=10, hflip=hflip
+        )
+        assert dm._build(split).random_view is random_view
+    too_few = ReferenceDistribution(
+        dataset="latent_cache", root=str(tmp_path / "caches"), num_classes=int(labels.max())
+    )
+    with pytest.raises(ValueError, match="data.init_args.num_classes"):
+        too_few._build("train")
     whole, whole_labels = cache.as_tensors()  # every latent of one view at once, in order
     assert torch.equal(whole, z) and torch.equal(whole_labels, labels)
     assert torch.equal(cache.as_tensors(view=1)[0], z_flip)

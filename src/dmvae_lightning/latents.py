@@ -195,14 +195,17 @@ def encode_dataset(
 class LatentCache(Dataset):
     """Items ``{key: latent (C, H, W) float32, "label": int64 scalar}`` of a cache directory.
 
-    With flips stored, each access returns one of the two views at random (torch's global RNG,
-    which DataLoader workers seed per worker; not replayed exactly on resume). The latents file
-    is memory-mapped lazily in each process, so worker processes do not copy it.
+    With flips stored and ``random_view``, each access returns one of the two views at random
+    (torch's global RNG, which DataLoader workers seed per worker; not replayed exactly on
+    resume); otherwise always view 0 (the unflipped images). The latents file is memory-mapped
+    lazily in each process, so worker processes do not copy it.
 
     Args:
         path: cache directory written by :func:`encode_dataset`.
         expected_fingerprint: when given, must equal the cache's fingerprint.
         key: batch key of the latents (``"reference"``: what LatentDiffusionModule reads).
+        random_view: draw the view at random (training with ``hflip``); False: view 0 always
+            (validation, or training without flips).
 
     Raises:
         FileNotFoundError: not a (complete) cache.
@@ -214,8 +217,10 @@ class LatentCache(Dataset):
         path: str | os.PathLike,
         expected_fingerprint: str | None = None,
         key: str = "reference",
+        random_view: bool = True,
     ) -> None:
         self.path = Path(path)
+        self.random_view = bool(random_view)
         meta_file = self.path / META_FILE
         if not meta_file.is_file():
             raise FileNotFoundError(
@@ -277,7 +282,7 @@ class LatentCache(Dataset):
         return len(self.labels)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        view = int(torch.randint(self.views, ())) if self.views > 1 else 0
+        view = int(torch.randint(self.views, ())) if self.random_view and self.views > 1 else 0
         latent = np.array(self._array()[index, view], dtype=np.float32)
         return {self.key: torch.from_numpy(latent), "label": self.labels[index].clone()}
 

@@ -262,8 +262,17 @@ class ReferenceDistribution(L.LightningDataModule):
         hp = self.hparams
         if hp.dataset == "latent_cache":
             # items {"reference": latent (C, H, W), "label"}; the diffusion module checks that
-            # the cache was encoded by its tokenizer (LatentCache.check_tokenizer)
-            return LatentCache(Path(hp.root) / split)
+            # the cache was encoded by its tokenizer (LatentCache.check_tokenizer). A flipped
+            # view only in training with hflip, as for images
+            cache = LatentCache(Path(hp.root) / split, random_view=hp.hflip and split == "train")
+            labels = cache.labels
+            if len(labels) and hp.num_classes > 0 and int(labels.max()) >= hp.num_classes:
+                raise ValueError(
+                    f"`data.init_args.num_classes` is {hp.num_classes} but the latent cache "
+                    f"{str(cache.path)!r} has labels up to {int(labels.max())}: set it to the "
+                    "number of classes the cache was encoded with"
+                )
+            return cache
         if hp.dataset == "fashion_mnist":
             kwargs: dict[str, Any] = dict(
                 root=hp.root,

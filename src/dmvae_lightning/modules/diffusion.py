@@ -391,11 +391,17 @@ class LatentDiffusionModule(EMAInEvaluation, pl.LightningModule):
     def get_labels(self, batch: dict[str, torch.Tensor], n: int) -> torch.Tensor:
         """Called by every training / evaluation step after :meth:`get_latents` (``n`` = its
         batch size). Must return (n,) int64 labels on the module's device, ``num_classes`` for
-        the null class. Default: ``batch["label"]``, or all null when unconditional /
-        unlabelled."""
+        the null class. Default: ``batch["label"]``, or all null when unconditional
+        (``num_classes`` 0); a class-conditional model's batches must hold labels."""
         labels = batch.get("label")
-        if self.hparams.num_classes == 0 or labels is None:
+        if self.hparams.num_classes == 0:
             return torch.full((n,), self.dit.null_class, dtype=torch.long, device=self.device)
+        if labels is None:
+            raise ValueError(
+                f"model.init_args.num_classes is {self.hparams.num_classes} but the batch has no "
+                f"'label' (keys {sorted(batch)}): give the data labels, or set num_classes: 0 "
+                "for an unconditional model"
+            )
         return labels.long()
 
     def normalize(self, z: torch.Tensor) -> torch.Tensor:
