@@ -262,6 +262,23 @@ def test_cli_names_the_option_of_a_bad_arm_seed_or_root(capsys, tmp_path):
     assert capsys.readouterr().out.split()[0] == "kl_vae"
 
 
+def test_a_runs_folder_holds_a_quick_or_a_full_study_not_both(tmp_path, capsys):
+    """A full study in a --quick study's folder would read back its 30-batch stages and
+    256-image results as its own: refused (and the reverse), naming --runs."""
+    from dmvae_lightning.study.cli import main
+
+    study.Study(tmp_path / "q", root=ROOT, quick=True, log=lambda _: None)
+    study.Study(tmp_path / "q", root=ROOT, quick=True, log=lambda _: None)  # same mode: fine
+    with pytest.raises(ValueError, match="holds a --quick study and this is a full one"):
+        study.Study(tmp_path / "q", root=ROOT, quick=False, log=lambda _: None)
+    study.Study(tmp_path / "f", root=ROOT, log=lambda _: None)
+    argv = ["--root", str(ROOT), "--runs", str(tmp_path / "f"), "--arms", "kl_vae", "--quick"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert f"--runs {tmp_path / 'f'} holds a full study" in capsys.readouterr().err
+
+
 def test_summary_is_mean_and_sample_std():
     rows = [{"seed": s, "gfid": g, "eval_seconds": 60.0 + s} for s, g in enumerate([1.0, 2.0, 4.0])]
     s = study.summarize(rows)

@@ -117,13 +117,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for arm in arms:
             print(f"{arm.key:28s} table {arm.table}  {arm.title}")
         return {}
-    study = Study(
-        args.runs,
-        root=args.root,
-        seeds=args.seeds,
-        quick=args.quick,
-        generator_steps=args.generator_steps or None,
-    )
+    try:
+        study = Study(
+            args.runs,
+            root=args.root,
+            seeds=args.seeds,
+            quick=args.quick,
+            generator_steps=args.generator_steps or None,
+        )
+    except ValueError as err:  # a --quick study's folder given to a full one, or the reverse
+        parser.error(str(err))
     if args.unit:  # one unit of a parallel study (dmvae_lightning.study.parallel)
         from dmvae_lightning.study.parallel import run_unit
 

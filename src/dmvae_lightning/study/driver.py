@@ -145,6 +145,26 @@ class Study:
         self.stage_seconds: dict[str, float] = {}
         self._cache: dict[str, Any] = {}
         self._arms: dict[str, Arm] | None = None
+        self._check_mode()
+
+    MODE_FILE = "study_mode.json"
+
+    def _check_mode(self) -> None:
+        """A runs folder holds a ``--quick`` study or a full one, never both: its stages,
+        caches and results would be read back by the other (30-batch tokenizers in a full
+        table). ``<runs>/study_mode.json`` records which; a mismatch is an error."""
+        mode_file = self.runs / self.MODE_FILE
+        if mode_file.is_file():
+            quick = bool(json.loads(mode_file.read_text()).get("quick"))
+            if quick != self.quick:
+                held, asked = ("a --quick", "a full") if quick else ("a full", "a --quick")
+                raise ValueError(
+                    f"--runs {self.runs} holds {held} study and this is {asked} one: their "
+                    "stages and results would be mixed; use another --runs folder"
+                )
+            return
+        self.runs.mkdir(parents=True, exist_ok=True)
+        write_json(mode_file, {"quick": self.quick})
 
     @property
     def all_arms(self) -> dict[str, Arm]:
