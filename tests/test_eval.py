@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import lightning
@@ -290,6 +292,34 @@ def test_folder_sources_and_evaluate_cli(tmp_path, test_images):
 
 
 # ------------------------------------------------------------------ sampling
+def test_sampling_cli_refuses_to_resume_with_another_checkpoint_at_the_same_path(
+    tmp_path, stage_ckpts
+):
+    """``sampling.json`` records the checkpoint's and tokenizer's contents: a resume with the
+    same files passes, one whose checkpoint file was overwritten (a later ``last.ckpt``) is
+    refused before any sample is written."""
+    import shutil
+
+    from dmvae_lightning.sampling import main as sampling_main
+
+    ckpt = tmp_path / "last.ckpt"
+    shutil.copy(stage_ckpts["reference"], ckpt)
+    out = tmp_path / "samples"
+    argv = ["--ckpt", str(ckpt), "--out", str(out), "--num_samples", "4", "--batch_size", "2"]
+    argv += ["--steps", "2", "--no_progress", "--device", "cpu"]
+    sampling_main(argv)
+    manifest = json.loads((out / "sampling.json").read_text())
+    assert manifest["ckpt_sha256"] and manifest["tokenizer_sha256"]
+    sampling_main(argv)  # the same files: resumes (nothing left to draw)
+    state = torch.load(ckpt, weights_only=True)
+    key = next(k for k in state["state_dict"] if k.startswith("dit.") and k.endswith("weight"))
+    state["state_dict"][key] = state["state_dict"][key] + 1.0
+    torch.save(state, ckpt)
+    (out / "images" / sorted(os.listdir(out / "images"))[0]).unlink()  # one left to draw
+    with pytest.raises(ValueError, match="ckpt_sha256"):
+        sampling_main(argv)
+
+
 def toy_generate(log: list[int]):
     """A deterministic generator: image i is a function of its noise seed only, except for a
     block term (as the SDE noise is) that depends on the block seed."""

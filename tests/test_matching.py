@@ -458,6 +458,24 @@ def _tiny_dit(seed: int):
     return dit
 
 
+def test_dmd_refuses_labels_the_real_model_has_no_class_for():
+    """An unconditional real model (null class 0) given the data's labels, or a 3-class one
+    given label 5, is an error naming the options, before any forward; labels in range pass."""
+    from dmvae_lightning.nets.dit import DiT
+
+    torch.manual_seed(0)
+    z = torch.randn(3, 4, 4, 4)
+    unconditional = DiT.from_preset("tiny", input_size=4, in_channels=4, num_classes=0)
+    with pytest.raises(ValueError, match="matching_labels: false"):
+        DMDLoss(unconditional)(z, torch.tensor([1, 5, 9]))
+    loss = DMDLoss(_tiny_dit(0))  # 3 classes, null class 3
+    with pytest.raises(
+        ValueError, match=r"labels 0\.\.5 are outside the real model's classes 0\.\.3"
+    ):
+        loss(z, torch.tensor([0, 5, 1]))
+    assert torch.isfinite(loss(z, torch.tensor([0, 2, 3])))  # 3: the null class itself
+
+
 def test_dit_objectives_keep_fp32_time_and_never_train_score_nets():
     dit = _tiny_dit(10)
     seen = []

@@ -11,7 +11,9 @@ samples depend on ``(checkpoint, seed, batch_size, steps, ...)`` only — not on
 and not on interruptions: ``images/{i:06d}.png`` files already written are skipped (a PNG is
 written under a temporary name and renamed, so a killed run leaves no half file), and a block
 with some files missing is drawn again and only the missing ones are written. The settings are
-stored in ``sampling.json``; resuming with other settings is an error.
+stored in ``sampling.json`` (with the sha256 of the checkpoint and tokenizer files, so an
+overwritten ``last.ckpt`` counts as another checkpoint); resuming with other settings is an
+error.
 
 At the end (after a barrier when ranks share a process group, e.g. under ``torchrun``) rank 0
 packs ``samples.npz``: ``arr_0`` uint8 (N, H, W, C) and ``arr_1`` labels, the format
@@ -34,6 +36,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from dmvae_lightning.checkpoints import file_sha256
 from dmvae_lightning.metrics.extractors import to_uint8
 from dmvae_lightning.metrics.stats import save_adm_samples
 from dmvae_lightning.utils.rng import step_seed
@@ -259,8 +262,16 @@ def main(argv: list[str] | None = None) -> Path | None:
     module = load_module(args.ckpt, args.module, args.tokenizer_ckpt, device)
     generate = DiffusionGenerator(module, args.steps, args.cfg, args.sampler, args.shift)
     hp = module.hparams
+    tokenizer = getattr(hp, "tokenizer_ckpt", None)
     settings = {
         "ckpt": str(Path(args.ckpt).resolve()),
+        # the files' contents, not only their paths: a resume after last.ckpt was overwritten,
+        # or with another tokenizer, would mix two models' samples
+        "ckpt_sha256": file_sha256(args.ckpt),
+        "module": args.module,
+        "tokenizer_sha256": file_sha256(tokenizer)
+        if tokenizer and Path(tokenizer).is_file()
+        else None,
         "steps": args.steps or hp.sample_steps,
         "cfg": hp.sample_cfg if args.cfg is None else args.cfg,
         "sampler": args.sampler or hp.sampler,

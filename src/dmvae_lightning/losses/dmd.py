@@ -199,6 +199,7 @@ class DMDLoss(_MatchingMetric):
         mean = real.latent_mean if latent_mean is None else float(latent_mean)
         scale = real.latent_scale if latent_scale is None else float(latent_scale)
         self.null_class = self._resolve_null_class(net, null_class)
+        self._labels_checked = False
         if self.cfg_scale != 1.0 and self.null_class is None:
             raise ValueError(
                 "DMDLoss: cfg_scale != 1 needs a null class; set DMDLoss.null_class (the real "
@@ -323,6 +324,18 @@ class DMDLoss(_MatchingMetric):
             return torch.full((n,), self.null_class, dtype=torch.long, device=device)
         if labels.shape != (n,):
             raise ValueError(f"labels must have shape ({n},), got {tuple(labels.shape)}")
+        if not self._labels_checked and self.null_class is not None and n > 0:
+            # once (a device sync): an unconditional real model given labels fails deep in its
+            # embedding otherwise (a device-side assert on GPUs)
+            lo, hi = int(labels.min()), int(labels.max())
+            if lo < 0 or hi > self.null_class:
+                raise ValueError(
+                    f"DMDLoss: labels {lo}..{hi} are outside the real model's classes "
+                    f"0..{self.null_class} (its null class is {self.null_class}; "
+                    "DMDLoss.real_model has fewer classes than the data): use a reference model "
+                    "trained on these classes, or set model.init_args.matching_labels: false"
+                )
+            self._labels_checked = True
         return labels.to(device=device, dtype=torch.long)
 
     def guided_velocity(
