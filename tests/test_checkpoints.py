@@ -171,6 +171,26 @@ def test_checkpoint_from_before_storage_by_reference_still_loads(tmp_path, stage
         assert torch.equal(loaded[name], tensor), name
 
 
+def test_init_from_loads_a_fitting_discriminator_and_warns_for_one_that_does_not(
+    tmp_path, stage_ckpts
+):
+    """The stage-1 checkpoint's discriminator is loaded when it fits; with another
+    ``discriminator`` spec a warning names it and the discriminator starts from scratch."""
+    saved = torch.load(stage_ckpts["tokenizer"], weights_only=True)["state_dict"]
+    cli = align(tmp_path / "same", stage_ckpts["tokenizer"], stage_ckpts["reference"])
+    for name, value in cli.model.discriminator.state_dict().items():
+        assert torch.equal(value, saved[f"discriminator.{name}"]), name
+    with pytest.warns(UserWarning, match=r"does not fit model\.init_args\.discriminator"):
+        other = align(
+            tmp_path / "other",
+            stage_ckpts["tokenizer"],
+            stage_ckpts["reference"],
+            "--model.init_args.discriminator.n_layers",
+            "3",
+        )
+    assert len(other.model.discriminator.state_dict()) != len(cli.model.discriminator.state_dict())
+
+
 def test_init_from_refuses_a_changed_reference_file(tmp_path, stage_ckpts):
     """Starting a run from an alignment checkpoint with the same ``real_model`` path: the file
     must still be the one the checkpoint was trained with."""

@@ -186,6 +186,25 @@ def test_bf16_mixed_precision_trains(tmp_path):
     assert torch.isfinite(cli.trainer.callback_metrics["loss"])
 
 
+def test_a_generator_loss_override_with_its_own_log_keys_trains(tmp_path):
+    """A subclass's ``generator_loss`` returns ``(loss, logs)`` with keys of its own (no
+    ``train/g_loss``): the step still runs, the progress bar's ``loss`` is that loss, and its
+    keys are logged."""
+    cli = build(tmp_path, "--trainer.limit_train_batches", "2", "--trainer.log_every_n_steps", "1")
+    model = cli.model
+    base = type(model).generator_loss
+
+    def generator_loss(x, x_rec, z):
+        loss, _ = base(model, x, x_rec, z)
+        return loss, {"train/mine": loss.detach()}
+
+    model.generator_loss = generator_loss
+    cli.trainer.fit(model, datamodule=cli.datamodule)
+    metrics = cli.trainer.callback_metrics
+    assert torch.isfinite(metrics["loss"]) and "train/mine" in metrics
+    assert float(metrics["loss"]) == pytest.approx(float(metrics["train/mine"]))
+
+
 def test_mid_epoch_resume_is_exact(tmp_path):
     """A checkpoint written in the middle of epoch 1 resumes to the same end state: the data
     module stores how far into the epoch's order training got, the sampler skips it."""

@@ -486,6 +486,14 @@ def test_predict_writes_pngs_and_latents(tmp_path, tokenizer_ckpt):
     assert pngs[0].name.endswith(f"_c{int(labels[0])}.png")
     saved = torch.load(tmp_path / "out" / "tensors" / "r0_b000000.pt", weights_only=True)
     assert torch.equal(saved["latent"], out[0]["latent"]) and "image" not in saved
+    # image_keys that match nothing (a typo): a warning naming them, once, and no PNG
+    cli.trainer.callbacks.remove(writer)
+    typo = PredictionWriter(str(tmp_path / "typo"), image_keys=["images"])
+    cli.trainer.callbacks.append(typo)
+    with pytest.warns(UserWarning, match=r"image_keys \['images'\] match none") as record:
+        cli.trainer.predict(cli.model, datamodule=cli.datamodule, return_predictions=False)
+    assert sum("image_keys" in str(w.message) for w in record) == 1
+    assert not (tmp_path / "typo" / "images").exists()
 
 
 def test_compiled_dit_matches_eager_and_keeps_checkpoint_keys():

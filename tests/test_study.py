@@ -128,6 +128,10 @@ def test_arm_file_errors_name_the_problem(tmp_path):
             study.Arm.from_file(bad)
     with pytest.raises(ValueError, match="unknown arm"):
         study.load_arms(ROOT / study.ARMS_DIR, names=["no_such_arm"])
+    bad.write_text("title: x\nreference: null\ntokenizer:\n  - config: tokenizer.yaml\n"
+                   "    from: Scratch\n")  # fmt: skip
+    with pytest.raises(ValueError, match=r"tokenizer\[0\]\.from must be 'scratch'"):
+        study.Arm.from_file(bad)
 
 
 def _arm_folder(tmp_path: Path, files: dict[str, str]) -> Path:

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torchvision
 from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities import rank_zero_warn
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -45,6 +46,7 @@ class PredictionWriter(BasePredictionWriter):
         self.output_dir = Path(output_dir)
         self.image_keys = tuple(image_keys)
         self.write_tensors = write_tensors
+        self._warned_no_images = False
 
     def write_on_batch_end(
         self,
@@ -61,6 +63,14 @@ class PredictionWriter(BasePredictionWriter):
                 "PredictionWriter expects predict_step to return a dict of tensors, got "
                 f"{type(prediction).__name__}"
             )
+        if not self._warned_no_images and not any(k in prediction for k in self.image_keys):
+            # a typo in image_keys, or a module without a tokenizer: no PNG will be written
+            rank_zero_warn(
+                f"PredictionWriter.image_keys {list(self.image_keys)} match none of the "
+                f"prediction's keys {sorted(prediction)}: no images are written"
+                + (" (the rest goes to tensors/)" if self.write_tensors else "")
+            )
+            self._warned_no_images = True
         stem = f"r{trainer.global_rank}_b{batch_idx:06d}"
         labels = prediction.get("label")
         for key in self.image_keys:

@@ -451,8 +451,9 @@ class DMVAEModule(EMAInEvaluation, pl.LightningModule):
     def load_tokenizer_weights(self, path: str) -> None:
         """Load tokenizer (and, when present and compatible, discriminator) weights from a
         DMVAEModule checkpoint (:func:`dmvae_lightning.checkpoints.load_tokenizer_state`); the
-        EMA weights, when saved, replace the raw ones. A file that does not fit is a
-        :class:`~dmvae_lightning.checkpoints.CheckpointError` naming ``init_from``."""
+        EMA weights, when saved, replace the raw ones. A tokenizer that does not fit is a
+        :class:`~dmvae_lightning.checkpoints.CheckpointError` naming ``init_from``; a
+        discriminator that does not fit is a warning, and this run's starts from scratch."""
         option = "model.init_args.init_from"
         saved = load_tokenizer_state(path, option)
         try:
@@ -473,7 +474,16 @@ class DMVAEModule(EMAInEvaluation, pl.LightningModule):
                 if ema is not None:
                     param.copy_(ema)
         if saved.discriminator:
-            self.discriminator.load_state_dict(saved.discriminator, strict=True)
+            try:
+                self.discriminator.load_state_dict(saved.discriminator, strict=True)
+            except RuntimeError as err:
+                first = next((ln.strip() for ln in str(err).splitlines()[1:] if ln.strip()), "")
+                warnings.warn(
+                    f"{option}: the discriminator of {str(saved.file)!r} does not fit "
+                    f"model.init_args.discriminator ({first[:200]}); this run's discriminator "
+                    "starts from scratch",
+                    stacklevel=2,
+                )
         self._check_reference(saved.real_model)
 
     def _check_reference(self, recorded: dict[str, Any] | None) -> None:
@@ -739,6 +749,8 @@ class DMVAEModule(EMAInEvaluation, pl.LightningModule):
                 loss = loss + weight * term
                 gen_logs.update(match_logs)
                 gen_logs["train/g_loss"] = loss.detach()
+            # the progress bar's "loss", also for a generator_loss override that logs other keys
+            gen_logs.setdefault("train/g_loss", loss.detach())
             return loss, gen_logs
 
         with step_rng(self.hparams.seed, step, self.global_rank, x.device):
@@ -774,7 +786,8 @@ class DMVAEModule(EMAInEvaluation, pl.LightningModule):
             logs["train/nonfinite_skips"] = torch.tensor(float(self.nonfinite_guard.skips))
         if vae_step:
             logs["train/lr"] = torch.tensor(opt_g.param_groups[0]["lr"])
-            self.log("loss", logs["train/g_loss"], prog_bar=True, batch_size=x.shape[0])
+            if "train/g_loss" in logs:  # absent when the step was skipped as non-finite
+                self.log("loss", logs["train/g_loss"], prog_bar=True, batch_size=x.shape[0])
         self.log_dict(logs, on_step=True, on_epoch=False, batch_size=x.shape[0])
 
     def _writes_step_logs(self) -> bool:

@@ -372,6 +372,11 @@ class Arm:
                     f"{path}: tokenizer[{i}] needs `config` (and optionally `overlay`, `from`), "
                     f"got keys {sorted(stage)}"
                 )
+            if stage.get("from", "scratch") != "scratch":
+                raise ValueError(
+                    f"{path}: tokenizer[{i}].from must be 'scratch' (train from scratch) or "
+                    f"absent (start from the previous stage), got {stage['from']!r}"
+                )
             overlay = load_overlay(stage.get("overlay"), configs)  # a missing file fails here
             if "seed_everything" in overlay:
                 raise ValueError(
