@@ -395,6 +395,11 @@ def test_latent_cache_round_trip_and_fingerprint(tmp_path, tokenizer_ckpt, fashi
         ]
     )
     assert torch.equal(torch.from_numpy(np.load(out / "latents.npy")), torch.from_numpy(stored))
+    # images of another channel count than the tokenizer's: a usage error naming --channels
+    with pytest.raises(SystemExit) as exit_info:
+        latents_main(["--tokenizer_ckpt", tokenizer_ckpt, "--out", str(tmp_path / "rgb")]
+                     + ["--channels", "3", "--no_progress", "--device", "cpu"])  # fmt: skip
+    assert exit_info.value.code == 2 and not (tmp_path / "rgb").exists()
     assert json.loads((out / "meta.json").read_text())["fingerprint"] == cli_meta["fingerprint"]
 
     # a LatentDiffusionModule trains on the cache and decodes samples with the tokenizer

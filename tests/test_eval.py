@@ -260,7 +260,7 @@ def test_stats_cache_hits_without_recomputing_and_misses_on_new_content(tmp_path
     assert other.calls == 3 and len(list((tmp_path / "cache").glob("*.npz"))) == 3
 
 
-def test_folder_sources_and_evaluate_cli(tmp_path, test_images):
+def test_folder_sources_and_evaluate_cli(tmp_path, test_images, capsys):
     from dmvae_lightning.metrics.evaluate import main as evaluate_main
 
     # group norm: features that tell images apart (an untrained batch-norm net's barely vary)
@@ -289,6 +289,16 @@ def test_folder_sources_and_evaluate_cli(tmp_path, test_images):
     other = evaluate_main([*args, "--cache_dir", str(tmp_path / "cache")])
     assert other["fid"] > 0.05
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 1
+    # plain mistakes are usage errors naming the flag, not tracebacks
+    for bad, words in [
+        (["--samples", str(tmp_path / "nope.npz")], "--samples"),
+        (["--reference", str(tmp_path / "nope")], "--reference"),
+        (["--isc_splits", "100"], "--isc_splits 100"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            evaluate_main([*args, *bad, "--cache_dir", str(tmp_path / "cache")])
+        assert exit_info.value.code == 2
+        assert words in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------ sampling

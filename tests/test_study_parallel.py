@@ -64,6 +64,11 @@ def test_plan_orders_shared_stages_arms_and_seeds_and_leaves_out_finished_work(t
     shared.mkdir(parents=True)
     (shared / "classifier.ckpt").write_bytes(b"")
     (shared / "fid_net.ckpt").write_bytes(b"")
+    # a checkpoint without its .seconds is an interrupted stage: still a unit to run
+    units = {u.name: set(u.needs) for u in plan(st, arms)}
+    assert units["shared:classifier"] == set() and units["shared:fid_net"] == set()
+    for name in ("classifier", "fid_net"):
+        (shared / f"{name}.seconds").write_text("1.0\n")
     arm_dir = st.runs / "arms" / "kl_vae"
     arm_dir.mkdir(parents=True)
     (arm_dir / "generator_seed0.json").write_text("{}")

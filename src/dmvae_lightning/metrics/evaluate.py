@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -132,6 +133,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", help="also write the numbers to this file")
     args = parser.parse_args(argv)
+    for flag, value in (("--samples", args.samples), ("--reference", args.reference)):
+        if value and not value.startswith("fashion_mnist:") and not Path(value).exists():
+            parser.error(f"{flag} {value}: no such file or folder")
+    if args.isc_splits < 1:
+        parser.error(f"--isc_splits must be >= 1, got {args.isc_splits}")
     if args.extractor == "inception":
         extractor = InceptionFeatures(args.weights_path, option="--weights_path")
     elif args.checkpoint is None:
@@ -139,15 +145,20 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     else:
         extractor = DomainFeatures(args.checkpoint, option="--checkpoint")
     extractor = extractor.to(args.device)
-    result = evaluate_samples(
-        args.samples,
-        extractor,
-        reference=_reference_source(args.reference) if args.reference else None,
-        isc=not args.no_isc,
-        isc_splits=args.isc_splits,
-        cache=args.cache_dir or True,
-        batch_size=args.batch_size,
-    )
+    try:
+        result = evaluate_samples(
+            args.samples,
+            extractor,
+            reference=_reference_source(args.reference) if args.reference else None,
+            isc=not args.no_isc,
+            isc_splits=args.isc_splits,
+            cache=args.cache_dir or True,
+            batch_size=args.batch_size,
+        )
+    except ValueError as err:
+        if "need logits" not in str(err):
+            raise
+        parser.error(f"{err}: fewer samples than --isc_splits {args.isc_splits} (or --no_isc)")
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:

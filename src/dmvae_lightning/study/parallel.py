@@ -100,8 +100,8 @@ def plan(study: Any, arms: Sequence[Arm]) -> list[Unit]:
     needs the first, which trains it; the second copies it (``Study.tokenizer``)."""
     units: dict[str, Unit] = {}
 
-    def done_stage(name: str) -> bool:
-        return study.shared_checkpoint(name).is_file()
+    def done_stage(name: str) -> bool:  # an interrupted stage's checkpoint is not done
+        return study.stage_finished(study.shared_checkpoint(name))
 
     def add_stage(name: str) -> str | None:
         if name not in SHARED:
