@@ -47,6 +47,31 @@ def adam_steps(optimizer: torch.optim.Optimizer) -> int:
     return counts.pop() if counts else 0
 
 
+def test_vae_every_defaults_to_5_only_with_a_fake_model_to_train(tmp_path, stage_ckpts):
+    """Between VAE steps only the DMD fake model trains: with another matching loss, or DMD at
+    weight 0, the default is a VAE step on every batch; an explicit value is kept."""
+    default = ["--model.init_args.vae_every", "null"]
+    mmd = ["--model.init_args.matching_loss", "dmvae_lightning.losses.matching.MMDLoss"]
+    cases = [
+        (default, 5),
+        ([*default, "--model.init_args.matching_weight", "0"], 1),
+        ([*default, *mmd], 1),
+        (mmd, 3),  # align_tiny.yaml's own vae_every
+    ]
+    for i, (extra, want) in enumerate(cases):
+        assert build(tmp_path / str(i), stage_ckpts, *extra).model.vae_every == want, extra
+
+
+def test_a_matching_loss_in_the_finetune_stage_is_refused():
+    """Fine-tuning freezes encoder and bottleneck: a matching term could not move the latents,
+    so configuring one is an error naming the option (before any file is read)."""
+    from dmvae_lightning.losses.matching import MMDLoss
+    from dmvae_lightning.modules.dmvae import DMVAEModule
+
+    with pytest.raises(ValueError, match="matching_loss has no effect with stage: finetune"):
+        DMVAEModule(stage="finetune", init_from="no_such.ckpt", matching_loss=MMDLoss())
+
+
 def test_two_time_scales_and_encode_only_batches(tmp_path, stage_ckpts):
     """7 batches, vae_every 3: generator and discriminator step on batches 2 and 5 only, the fake
     model on all 7; the decoder runs in training on exactly those two batches."""

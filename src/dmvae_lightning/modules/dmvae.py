@@ -9,8 +9,9 @@ Stages (``stage=``):
   :mod:`dmvae_lightning.losses.matching`; the paper's is :class:`~dmvae_lightning.losses.matching.DMDLoss`
   with a frozen real-score model and a trained fake copy). Two time scales: the fake score model
   steps on every batch, on stop-gradient latents; the VAE (and discriminator) step on every
-  ``vae_every``-th batch (default 5), counted by the module's own ``batch_count``. Batches where
-  the VAE does not step only encode (no decode, no discriminator).
+  ``vae_every``-th batch (default 5 with a DMD loss, else 1), counted by the module's own
+  ``batch_count``. Batches where the VAE does not step only encode (no decode, no
+  discriminator).
 * ``"finetune"`` (paper stage 4): starts from ``init_from``; encoder and bottleneck frozen, only the
   decoder (and discriminator) train.
 
@@ -191,7 +192,8 @@ class DMVAEModule(EMAInEvaluation, pl.LightningModule):
             trained (no fake-model steps), everything else unchanged.
         vae_every: the VAE and discriminator step on every ``vae_every``-th batch (batches
             ``vae_every - 1``, ``2 vae_every - 1``, ... counted from 0 by ``batch_count``);
-            ``None``: 5 for ``align``, 1 otherwise. The fake score model steps on every batch.
+            ``None``: 5 for ``align`` with a DMD loss of non-zero weight, 1 otherwise (no fake
+            model to train in between). The fake score model steps on every batch.
         fake_lr, fake_weight_decay: AdamW of the DMD fake score model (``fake_lr`` defaults to
             ``lr``; same betas, warm-up and clipping as the VAE).
         matching_labels: give the batch labels to a class-conditional DMD loss (CFG needs them).
@@ -294,9 +296,19 @@ class DMVAEModule(EMAInEvaluation, pl.LightningModule):
                 f"model.init_args.init_from: stage {stage!r} starts from a tokenizer checkpoint; "
                 "set `init_from` to the previous stage's .ckpt."
             )
-        self.vae_every = (5 if stage == "align" else 1) if vae_every is None else int(vae_every)
+        # the DMD fake model's steps fill the batches between VAE steps; without one (another
+        # matching loss, or weight 0 left at the default) every batch is a VAE step
+        dmd = isinstance(matching_loss, DMDLoss) and matching_weight != 0
+        default_every = 5 if stage == "align" and dmd else 1
+        self.vae_every = default_every if vae_every is None else int(vae_every)
         if self.vae_every < 1:
             raise ValueError(f"model.init_args.vae_every must be >= 1, got {vae_every}")
+        if stage == "finetune" and matching_loss is not None and matching_weight != 0:
+            raise ValueError(
+                "model.init_args.matching_loss has no effect with stage: finetune (encoder and "
+                "bottleneck are frozen, so the latents cannot move): set it to null or "
+                "matching_weight: 0"
+            )
         if matching_loss is not None and not isinstance(matching_loss, Metric):
             raise TypeError(
                 "model.init_args.matching_loss must be a torchmetrics.Metric (a loss of "

@@ -116,9 +116,16 @@ class TextSource(ReferenceSource):
 
     def _embeddings(self, captions: list[str], write: bool) -> torch.Tensor:
         file = Path(self.cache_dir) / self.EMBEDDINGS_FILE if self.cache_dir else None
+        # what made the embeddings: the same captions from another model are other vectors
+        if self.embedder is not None:
+            model = f"embedder:{type(self.embedder).__module__}.{type(self.embedder).__qualname__}"
+        elif self.model_path is None:
+            model = "model_path:default (all-MiniLM-L6-v2)"
+        else:
+            model = f"model_path:{Path(self.model_path).expanduser().resolve()}"
         if file is not None and file.is_file():
             stored = torch.load(file, map_location="cpu", weights_only=True)
-            if stored.get("captions") == captions:
+            if stored.get("captions") == captions and stored.get("model") == model:
                 return stored["embeddings"].float()
         if self.embedder is not None:
             emb = self.embedder(captions)
@@ -130,7 +137,7 @@ class TextSource(ReferenceSource):
         if file is not None and write:
             file.parent.mkdir(parents=True, exist_ok=True)
             tmp = file.with_suffix(".partial")
-            torch.save({"captions": captions, "embeddings": emb}, tmp)
+            torch.save({"captions": captions, "model": model, "embeddings": emb}, tmp)
             os.replace(tmp, file)
         return emb
 
