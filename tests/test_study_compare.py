@@ -83,6 +83,9 @@ def test_missing_arms_are_errors_naming_the_option(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["dmd", "ctl", "--runs", str(tmp_path / "empty")])
     assert "has not finished in --runs" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # two sources of numbers: one would be ignored
+        main(["dmd", "ctl", "--results", str(path), "--runs", str(tmp_path)])
+    assert "not allowed with argument" in capsys.readouterr().err
 
 
 def test_another_generator_budget_reads_its_own_results(tmp_path, capsys):

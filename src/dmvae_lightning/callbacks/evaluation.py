@@ -37,6 +37,7 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 import torchvision
+from lightning.pytorch.utilities import rank_zero_warn
 
 from dmvae_lightning.metrics.extractors import FeatureExtractor, build_extractor
 from dmvae_lightning.metrics.fid import feature_stats, frechet_distance
@@ -125,6 +126,7 @@ class FIDMonitor(pl.Callback):
         self.extractor: FeatureExtractor | None = None
         self.subset: dict[str, torch.Tensor] | None = None
         self.last_metrics: dict[str, float] = {}
+        self._warned_no_real_latents = False
         self._batches = 0
 
     # ------------------------------------------------------------------ schedule
@@ -267,7 +269,13 @@ class FIDMonitor(pl.Callback):
             chunk = {k: v[start : start + self.batch_size].to(device) for k, v in subset.items()}
             try:
                 real_latents.append(pl_module.get_latents(chunk).float().cpu())
-            except (KeyError, RuntimeError, ValueError):
+            except (KeyError, ValueError) as err:  # this data has no latents of its own
+                if not self._warned_no_real_latents:
+                    rank_zero_warn(
+                        f"FIDMonitor: no latents of the evaluation images ({err!r}); the "
+                        "real-latent histogram and projection are left out"
+                    )
+                    self._warned_no_real_latents = True
                 real_latents = []
                 break
         metrics: dict[str, float] = {}

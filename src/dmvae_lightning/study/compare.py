@@ -166,8 +166,9 @@ def main(argv: Sequence[str] | None = None) -> Comparison:
     )
     parser.add_argument("a", help="group A: arm name(s), comma-separated")
     parser.add_argument("b", help="group B: arm name(s), comma-separated")
-    parser.add_argument("--results", type=Path, help=f"published rows to read (default: {RESULTS})")
-    parser.add_argument("--runs", type=Path, help="read a study's runs folder instead")
+    source = parser.add_mutually_exclusive_group()  # one source of numbers, not two
+    source.add_argument("--results", type=Path, help=f"published rows to read (default: {RESULTS})")
+    source.add_argument("--runs", type=Path, help="read a study's runs folder instead")
     parser.add_argument(
         "--generator_steps",
         type=int,
