@@ -62,6 +62,16 @@ def test_vae_every_defaults_to_5_only_with_a_fake_model_to_train(tmp_path, stage
         assert build(tmp_path / str(i), stage_ckpts, *extra).model.vae_every == want, extra
 
 
+def test_a_gaussian_kl_without_a_gaussian_bottleneck_is_refused_at_construction():
+    """The KL needs the posterior: refused when the module is built (it used to fail at the
+    first VAE step), naming the option; at weight 0 (not computed) it is accepted."""
+    from dmvae_lightning.modules.dmvae import DMVAEModule
+
+    with pytest.raises(ValueError, match=r"model\.init_args\.bottleneck_gaussian: true"):
+        DMVAEModule(stage="pretrain", matching_loss=GaussianKLLoss())
+    DMVAEModule(stage="pretrain", matching_loss=GaussianKLLoss(), matching_weight=0.0)
+
+
 def test_a_matching_loss_in_the_finetune_stage_is_refused():
     """Fine-tuning freezes encoder and bottleneck: a matching term could not move the latents,
     so configuring one is an error naming the option (before any file is read)."""

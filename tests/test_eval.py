@@ -301,6 +301,33 @@ def test_folder_sources_and_evaluate_cli(tmp_path, test_images, capsys):
         assert words in capsys.readouterr().err
 
 
+def test_image_folders_of_mixed_modes_and_sizes(tmp_path):
+    """An RGB folder with a greyscale file (ImageNet has some) reads it as RGB, its grey value
+    in all three channels; colour in a greyscale folder and a file of another size are errors
+    naming the file."""
+    from PIL import Image
+
+    from dmvae_lightning.metrics.stats import image_batches
+
+    rgb = tmp_path / "rgb"
+    rgb.mkdir()
+    Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(rgb / "a.png")
+    Image.fromarray(np.full((8, 8), 51, np.uint8)).save(rgb / "b.png")  # greyscale
+    (batch,) = list(image_batches(rgb, batch_size=10))
+    assert batch.shape == (2, 3, 8, 8)
+    assert torch.allclose(batch[1], torch.full((3, 8, 8), 51 / 127.5 - 1))
+    grey = tmp_path / "grey"
+    grey.mkdir()
+    Image.fromarray(np.full((8, 8), 51, np.uint8)).save(grey / "a.png")
+    Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(grey / "b.png")
+    with pytest.raises(ValueError, match="b.png is RGB but the folder's first image is grey"):
+        list(image_batches(grey))
+    Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(rgb / "c.png")
+    Image.fromarray(np.full((6, 8, 3), 200, np.uint8)).save(rgb / "d.png")
+    with pytest.raises(ValueError, match="d.png is 8x6 but a.png is 8x8"):
+        list(image_batches(rgb, batch_size=2))
+
+
 # ------------------------------------------------------------------ sampling
 def test_sampling_cli_refuses_to_resume_with_another_checkpoint_at_the_same_path(
     tmp_path, stage_ckpts

@@ -45,6 +45,13 @@ def test_simclr_module_trains_without_labels_and_loads_as_an_encoder(tmp_path):
     x = torch.rand(16, 1, 32, 32) * 2 - 1
     labels = torch.full((16,), -100)  # never read: an invalid class would fail cross-entropy
     loss = module.training_step({"image": x, "label": labels}, 0)
+    torch.manual_seed(1)
+    unlabelled = module.training_step({"image": x}, 0)  # a data set without labels
+    torch.manual_seed(1)
+    assert torch.equal(unlabelled, module.training_step({"image": x, "label": labels}, 0))
+    supervised = ClassifierModule(widths=[8, 16])
+    with pytest.raises(KeyError, match="objective: simclr"):
+        supervised.training_step({"image": x}, 0)
     loss.backward()
     assert math.isfinite(float(loss))
     assert module.net.body[0].weight.grad.abs().sum() > 0  # the encoder learns from it

@@ -116,13 +116,40 @@ def list_image_files(folder: str | Path) -> list[Path]:
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
-def _read_image(path: Path) -> torch.Tensor:
+def _read_image(path: Path, mode: str | None = None) -> torch.Tensor:
+    """(C, H, W) uint8 of one file: greyscale stays 1 channel, anything else RGB; ``mode``
+    ("L" / "RGB", the folder's, set by its first file) converts greyscale files to RGB in an
+    RGB folder (as ImageNet's few greyscale JPEGs) and refuses colour in a greyscale one."""
     with Image.open(path) as image:
-        if image.mode not in ("L", "RGB"):
+        if image.mode not in ("L", "RGB") or (mode == "RGB" and image.mode == "L"):
             image = image.convert("RGB")
+        if mode == "L" and image.mode != "L":
+            raise ValueError(
+                f"image folder {str(path.parent)!r}: {path.name} is {image.mode} but the folder's "
+                "first image is greyscale (L); convert the folder's images to one mode"
+            )
         array = np.asarray(image, dtype=np.uint8)
     array = array[:, :, None] if array.ndim == 2 else array
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
+def _folder_batches(files: list[Path], batch_size: int) -> Iterator[torch.Tensor]:
+    """uint8 batches of ``files``, all in the mode and size of the first file (see
+    :func:`_read_image`); another size is an error naming the file."""
+    first = _read_image(files[0])
+    mode = "L" if first.shape[0] == 1 else "RGB"
+    for start in range(0, len(files), batch_size):
+        images = []
+        for f in files[start : start + batch_size]:
+            image = _read_image(f, mode)
+            if image.shape[1:] != first.shape[1:]:
+                raise ValueError(
+                    f"image folder {str(f.parent)!r}: {f.name} is {image.shape[2]}x"
+                    f"{image.shape[1]} but {files[0].name} is {first.shape[2]}x"
+                    f"{first.shape[1]}; FID statistics need images of one size"
+                )
+            images.append(image)
+        yield torch.stack(images)
 
 
 def _to_signed(batch: torch.Tensor) -> torch.Tensor:
@@ -156,10 +183,8 @@ def image_batches(source: Any, batch_size: int = 100) -> Iterator[torch.Tensor]:
         files = list_image_files(source)
         if not files:
             raise ValueError(f"no image files in {str(source)!r}")
-        for start in range(0, len(files), batch_size):
-            yield _to_signed(
-                torch.stack([_read_image(f) for f in files[start : start + batch_size]])
-            )
+        for batch in _folder_batches(files, batch_size):
+            yield _to_signed(batch)
     elif isinstance(source, Dataset):
         for start in range(0, len(source), batch_size):
             stop = min(start + batch_size, len(source))

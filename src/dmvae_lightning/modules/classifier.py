@@ -103,14 +103,20 @@ class ClassifierModule(pl.LightningModule):
         return [opt], [{"scheduler": sched, "interval": "step"}]
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x, y = batch["image"], batch["label"]
-        if self.projector is not None:
+        x = batch["image"]
+        if self.projector is not None:  # self-supervised: labels are neither needed nor read
             loss = self.ssl_loss(x)
             self.log("train/ssl_loss", loss, prog_bar=True, batch_size=x.shape[0])
             return loss
         if self.hparams.random_flip:
             flip = torch.rand(x.shape[0], device=x.device) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        if "label" not in batch:
+            raise KeyError(
+                "the supervised classifier needs batch['label'] (a labelled data set), or "
+                "model.init_args.objective: simclr to train without labels"
+            )
+        y = batch["label"]
         logits = self(x)
         loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
         acc = (logits.argmax(1) == y).float().mean()

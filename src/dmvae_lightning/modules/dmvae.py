@@ -317,6 +317,15 @@ class DMVAEModule(EMAInEvaluation, pl.LightningModule):
         self.register_buffer("batch_count", torch.zeros((), dtype=torch.long))
         self.nonfinite_guard = NonFiniteGuard.from_spec(nonfinite)
         self.configure_models()
+        if (
+            isinstance(matching_loss, GaussianKLLoss)
+            and matching_weight != 0
+            and not bottleneck_gaussian
+        ):  # refused here, not at the first VAE step (batch vae_every - 1 of an alignment)
+            raise ValueError(
+                "GaussianKLLoss needs a Gaussian posterior: set "
+                "model.init_args.bottleneck_gaussian: true"
+            )
         self.matching_loss = matching_loss
         # (features, latents) of the last training-mode bottleneck call with gradients: the
         # Gaussian KL reuses those features instead of running the encoder a second time (only
