@@ -213,3 +213,36 @@ def test_init_from_refuses_a_changed_reference_file(tmp_path, stage_ckpts):
     torch.save(changed, reference)
     with pytest.raises(ValueError, match=r"DMDLoss\.real_model: .*changed since the init_from"):
         align(tmp_path / "changed", aligned, str(reference))
+
+
+def test_a_classifier_encoder_tokenizer_names_its_missing_classifier_file(tmp_path):
+    """A tokenizer on a frozen classifier encoder is rebuilt from the classifier checkpoint it
+    was trained with: loaded while that file exists, and without it the error names the
+    tokenizer's option and file and the missing classifier path (not an option of this run)."""
+    import lightning
+    from test_eval import save_classifier_checkpoint
+
+    from dmvae_lightning.modules.dmvae import DMVAEModule
+
+    classifier = save_classifier_checkpoint(tmp_path / "classifier.ckpt")
+    module = DMVAEModule(
+        stage="pretrain",
+        image_channels=1,
+        latent_channels=4,
+        encoder={"name": "classifier", "weights_path": str(classifier)},
+        decoder={"ch": 8, "ch_mult": [1, 2, 2], "num_res_blocks": 1, "mid_attention": False},
+        discriminator={"ch": 8, "n_layers": 2},
+    )
+    tok = tmp_path / "tokenizer.ckpt"
+    state = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
+    torch.save({**state, "pytorch-lightning_version": lightning.__version__}, tok)
+    x = torch.rand(2, 1, 32, 32) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(load_tokenizer(tok).encode(x), module.eval().encode(x))
+    classifier.unlink()
+    option = "model.init_args.tokenizer_ckpt"
+    with pytest.raises(CheckpointNotFoundError) as err:
+        load_tokenizer(tok, option=option)
+    message = str(err.value)
+    assert message.startswith(f"{option}: {str(tok)!r} rebuilds its classifier encoder")
+    assert repr(str(classifier)) in message

@@ -324,6 +324,13 @@ def load_tokenizer(
     hparams["encoder"] = encoder
     try:
         tokenizer = build_tokenizer(**hparams)
+    except CheckpointNotFoundError as err:  # a classifier encoder's file, read to rebuild it
+        raise CheckpointNotFoundError(
+            option,
+            state.file,
+            f"rebuilds its classifier encoder from {err.file!r} (its encoder.weights_path when "
+            "it was trained), which does not exist: put that checkpoint back at that path",
+        ) from err
     except (TypeError, ValueError) as err:
         if isinstance(err, CheckpointError):
             raise
