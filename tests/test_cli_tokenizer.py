@@ -3,6 +3,7 @@ the option to fix."""
 
 from __future__ import annotations
 
+import json
 import sys
 import warnings
 from pathlib import Path
@@ -203,6 +204,33 @@ def test_a_generator_loss_override_with_its_own_log_keys_trains(tmp_path):
     metrics = cli.trainer.callback_metrics
     assert torch.isfinite(metrics["loss"]) and "train/mine" in metrics
     assert float(metrics["loss"]) == pytest.approx(float(metrics["train/mine"]))
+
+
+def test_pointwise_alignment_projection_trains_with_the_vae(tmp_path):
+    """VA-VAE-style alignment with a projection C -> D (latents 4 channels, reference 6): the
+    reference may have D channels, and the projection is in the VAE optimizer and moves."""
+    loss = {
+        "class_path": "dmvae_lightning.losses.matching.PointwiseAlignmentLoss",
+        "init_args": {"proj": [4, 6]},
+    }
+    cli = build(
+        tmp_path,
+        "--trainer.max_epochs",
+        "1",
+        "--model.init_args.matching_loss",
+        json.dumps(loss),
+        "--model.init_args.matching_weight",
+        "1.0",
+        "--data.init_args.reference",
+        json.dumps({"name": "gaussian", "shape": [6, 16, 16]}),
+    )
+    proj = cli.model.matching_loss.proj
+    before = proj.weight.detach().clone()
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    opt_g = cli.trainer.optimizers[0]
+    assert any(p is proj.weight for group in opt_g.param_groups for p in group["params"])
+    assert not torch.equal(proj.weight, before)
+    assert torch.isfinite(cli.trainer.callback_metrics["train/matching"])
 
 
 def test_mid_epoch_resume_is_exact(tmp_path):

@@ -72,7 +72,8 @@ def before_the_change(hp: AttributeDict, cls: type, trains_fake: bool) -> list:
 
 def stub(cls: type, hp: AttributeDict, trains_fake: bool) -> SimpleNamespace:
     """What ``configure_optimizers`` reads from the module, with 2x2 stand-in networks."""
-    fake = SimpleNamespace(fake_parameters=params)
+    # a matching loss with a fake model and no parameters of its own for the VAE optimizer
+    fake = SimpleNamespace(fake_parameters=params, parameters=lambda: iter(()))
     factories = {
         name: None
         for name in (

@@ -315,8 +315,9 @@ class PointwiseAlignmentLoss(_MatchingMetric):
     """VA-VAE-style alignment of latents with frozen foundation-model features, per position.
 
     ``forward(z, features)``: latents ``z`` (B, C, h, w) are mapped by ``proj`` (a per-position
-    linear map C -> D, trainable: give its parameters to the VAE optimizer) when set, else C must
-    equal D; ``features`` (B, D, h, w) are detached (frozen). With z'_i, f_i the D-vectors at
+    linear map C -> D, trainable: DMVAEModule trains it with the VAE; elsewhere give its
+    parameters to your optimizer) when set, else C must equal D; ``features`` (B, D, h, w) are
+    detached (frozen). With z'_i, f_i the D-vectors at
     position i of one image (N = h*w positions) and cos the cosine similarity:
 
     * marginal cosine loss ``mean_{b,i} relu(1 - margin_cos - cos(z'_i, f_i))``: a position

@@ -613,10 +613,15 @@ class DMVAEModule(EMAInEvaluation, pl.LightningModule):
                     "batch has no 'reference'; set data.init_args.reference (a source whose "
                     "shape equals the latent shape)."
                 )
-            if ref.shape[1:] != z.shape[1:]:
+            proj = getattr(loss_fn, "proj", None)  # PointwiseAlignmentLoss: C -> D per position
+            want = z.shape[1:] if proj is None else (proj.out_features, *z.shape[2:])
+            if ref.shape[1:] != want:
                 raise ValueError(
                     f"reference samples {tuple(ref.shape[1:])} do not match the latent shape "
-                    f"{tuple(z.shape[1:])}; fix data.init_args.reference.shape"
+                    f"{tuple(z.shape[1:])}"
+                    + ("" if proj is None else f" projected to {proj.out_features} channels")
+                    + "; fix data.init_args.reference.shape"
+                    + ("" if proj is None else " or matching_loss.init_args.proj")
                 )
             value, logs = loss_fn(z, ref), {}
         logs["train/matching"] = value.detach()
@@ -664,6 +669,11 @@ class DMVAEModule(EMAInEvaluation, pl.LightningModule):
         gen_params = [p for p in self.tokenizer.parameters() if p.requires_grad]
         if not gen_params:
             raise ValueError("Nothing to train: every tokenizer parameter is frozen.")
+        # a matching loss's own trainable parameters (PointwiseAlignmentLoss.proj) train with
+        # the VAE; the DMD fake model has an optimizer of its own
+        if self.matching_loss is not None and not isinstance(self.matching_loss, DMDLoss):
+            if self.hparams.matching_weight != 0:
+                gen_params += [p for p in self.matching_loss.parameters() if p.requires_grad]
         optimizers = [
             build_optimizer(make["optimizer"], gen_params, hp.lr, hp.betas, hp.weight_decay),
             build_optimizer(
