@@ -2,6 +2,7 @@
 
 import ast
 import os
+import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -180,6 +181,17 @@ def test_timm_vit_normalisation_prefix_and_row_major_reshape():
         ref = enc.model.forward_features(((x + 1) / 2 - mean) / std)
     row, col = 2, 5
     torch.testing.assert_close(out[:, :, row, col], ref[:, 3 + row * 6 + col], rtol=0, atol=0)
+
+
+def test_timm_weights_path_without_pretrained_is_a_warning(tmp_path):
+    """A weights file named but ``pretrained: false``: the encoder starts from random weights
+    without reading it, which is said (naming the option), not silent."""
+    path = tmp_path / "weights.pth"
+    with pytest.warns(UserWarning, match=r"set model\.init_args\.encoder\.pretrained: true"):
+        TimmEncoder(**TINY_VIT, weights_path=str(path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        TimmEncoder(**TINY_VIT)  # nothing named: nothing said
 
 
 def test_timm_one_channel_input_is_repeated():

@@ -319,8 +319,9 @@ def load_tokenizer(
     state = load_tokenizer_state(path, option)
     hparams = {k: v for k, v in state.hparams.items() if k in _TOKENIZER_ARGS}
     encoder = dict(hparams.get("encoder") or {})
-    if encoder.get("pretrained"):
+    if encoder.get("pretrained"):  # the weights are in this file: no other file is read
         encoder["pretrained"] = False
+        encoder.pop("weights_path", None)
     hparams["encoder"] = encoder
     try:
         tokenizer = build_tokenizer(**hparams)

@@ -377,7 +377,8 @@ def convert_public_tokenizer(
 
     module.ema = EMA(module.ema_target(), decay=ema_decay) if ema_decay else None
     saved = {"_class_path": f"{DMVAEModule.__module__}.{DMVAEModule.__qualname__}", **hparams}
-    saved["encoder"] = {**encoder_spec, "pretrained": False}  # the weights are in the file now
+    # the weights are in the file now: rebuilt without reading any other file
+    saved["encoder"] = {**encoder_spec, "pretrained": False, "weights_path": None}
     info = {
         "kind": "tokenizer",
         "source_entry": entry,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -129,6 +130,13 @@ class TimmEncoder(nn.Module):
             kwargs["img_size"] = img_size
         if patch_size is not None:
             kwargs["patch_size"] = patch_size
+        if weights_path is not None and not pretrained:
+            warnings.warn(
+                f"model.init_args.encoder.weights_path is set ({str(weights_path)!r}) but "
+                f"pretrained is false: {model_name!r} starts from random weights and the file "
+                "is not read; set model.init_args.encoder.pretrained: true to load it",
+                stacklevel=2,
+            )
         if pretrained:
             path = None if weights_path is None else Path(weights_path).expanduser()
             if path is None or not path.is_file():
