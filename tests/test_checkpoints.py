@@ -152,6 +152,23 @@ def test_alignment_checkpoint_stores_the_real_model_by_reference(tmp_path, stage
         wrong.trainer.fit(wrong.model, datamodule=wrong.datamodule, ckpt_path=tmp_path / "mid.ckpt")
 
 
+def test_the_real_model_file_is_hashed_when_it_is_read(tmp_path, stage_ckpts):
+    """The sha256 a checkpoint records is that of the file the weights were read from, even
+    if the file is replaced before the first checkpoint is written."""
+    from dmvae_lightning.losses.matching import DMDLoss
+
+    reference = tmp_path / "reference.ckpt"
+    shutil.copy(stage_ckpts["reference"], reference)
+    read = file_sha256(reference)
+    loss = DMDLoss(str(reference))
+    changed = torch.load(reference, weights_only=True)
+    changed["state_dict"]["latent_mean"] = changed["state_dict"]["latent_mean"] + 1.0
+    torch.save(changed, reference)
+    assert file_sha256(reference) != read
+    assert loss.real_sha256() == read
+    assert bytes(loss.state_dict()["real_sha256"].tolist()).hex() == read
+
+
 def test_checkpoint_from_before_storage_by_reference_still_loads(tmp_path, stage_ckpts):
     """A file written when the real model's tensors were stored (no reference record) loads:
     the stored tensors are used as before."""

@@ -226,7 +226,9 @@ class DMDLoss(_MatchingMetric):
         """The frozen real velocity network and its latent statistics from the ``real_model``
         argument (a path is read by :func:`dmvae_lightning.checkpoints.load_score_model`)."""
         if isinstance(spec, (str, os.PathLike)):
-            model = load_score_model(spec, option="DMDLoss.real_model", sha256=False)
+            # hashed now, while the loaded weights are the file's: a file replaced before the
+            # first checkpoint must not be vouched for
+            model = load_score_model(spec, option="DMDLoss.real_model", sha256=True)
             if not model.stats_ready:
                 warnings.warn(
                     f"DMDLoss.real_model: {str(spec)!r} holds no measured latent statistics; "
@@ -247,7 +249,8 @@ class DMDLoss(_MatchingMetric):
 
     # ------------------------------------------------------------------ checkpoint by reference
     def real_sha256(self) -> str | None:
-        """sha256 of the real model's checkpoint file (None when it was given as a module)."""
+        """sha256 of the real model's checkpoint file, taken when it was read (None when it was
+        given as a module)."""
         if self._real_sha256 is None and self._real_path is not None:
             self._real_sha256 = file_sha256(self._real_path)
         return self._real_sha256
