@@ -9,10 +9,23 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import lightning
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+
+def save_module_checkpoint(module: pl.LightningModule, path: Path) -> Path:
+    """``module`` as a Lightning checkpoint file (state dict, hyperparameters, version), what
+    ``load_from_checkpoint`` and the library's loaders read, without a Trainer."""
+    state = {
+        "state_dict": module.state_dict(),
+        "hyper_parameters": dict(module.hparams),
+        "pytorch-lightning_version": lightning.__version__,
+    }
+    torch.save(state, path)
+    return path
 
 
 def checkpoints(root: Path) -> list[Path]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import SaveAtBatch, checkpoints
+from helpers import SaveAtBatch, checkpoints, save_module_checkpoint
 
 from dmvae_lightning.checkpoints import (
     CheckpointError,
@@ -236,7 +236,6 @@ def test_a_classifier_encoder_tokenizer_names_its_missing_classifier_file(tmp_pa
     """A tokenizer on a frozen classifier encoder is rebuilt from the classifier checkpoint it
     was trained with: loaded while that file exists, and without it the error names the
     tokenizer's option and file and the missing classifier path (not an option of this run)."""
-    import lightning
     from test_eval import save_classifier_checkpoint
 
     from dmvae_lightning.modules.dmvae import DMVAEModule
@@ -250,9 +249,7 @@ def test_a_classifier_encoder_tokenizer_names_its_missing_classifier_file(tmp_pa
         decoder={"ch": 8, "ch_mult": [1, 2, 2], "num_res_blocks": 1, "mid_attention": False},
         discriminator={"ch": 8, "n_layers": 2},
     )
-    tok = tmp_path / "tokenizer.ckpt"
-    state = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
-    torch.save({**state, "pytorch-lightning_version": lightning.__version__}, tok)
+    tok = save_module_checkpoint(module, tmp_path / "tokenizer.ckpt")
     x = torch.rand(2, 1, 32, 32) * 2 - 1
     with torch.no_grad():
         torch.testing.assert_close(load_tokenizer(tok).encode(x), module.eval().encode(x))

@@ -7,12 +7,11 @@ import json
 import os
 from pathlib import Path
 
-import lightning
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_same
+from helpers import assert_same, save_module_checkpoint
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -52,14 +51,7 @@ def save_classifier_checkpoint(path: Path, seed: int = 0, norm: str = "batch") -
     ``norm="batch"`` (running statistics 0 / 1) its features barely vary between images;
     ``"group"`` normalises each image, so its features tell images apart."""
     torch.manual_seed(seed)
-    module = ClassifierModule(widths=[8, 16, 32], norm=norm)
-    state = {
-        "state_dict": module.state_dict(),
-        "hyper_parameters": dict(module.hparams),
-        "pytorch-lightning_version": lightning.__version__,
-    }
-    torch.save(state, path)
-    return path
+    return save_module_checkpoint(ClassifierModule(widths=[8, 16, 32], norm=norm), path)
 
 
 @pytest.fixture(scope="module")
@@ -465,15 +457,7 @@ def test_sampling_cli_loads_the_checkpoint_and_names_missing_pieces(tmp_path):
     with torch.no_grad():  # weights no fresh module has, so that loading them shows
         for p in module.parameters():
             p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-    ckpt = tmp_path / "gen.ckpt"
-    torch.save(
-        {
-            "state_dict": module.state_dict(),
-            "hyper_parameters": dict(module.hparams),
-            "pytorch-lightning_version": lightning.__version__,
-        },
-        ckpt,
-    )
+    ckpt = save_module_checkpoint(module, tmp_path / "gen.ckpt")
     cls_path = "dmvae_lightning.modules.diffusion.LatentDiffusionModule"
     loaded = load_module(str(ckpt), cls_path, None, "cpu")
     assert type(loaded) is LatentDiffusionModule and not loaded.training

@@ -517,7 +517,7 @@ def test_dit_objectives_keep_fp32_time_and_never_train_score_nets():
 
 
 def test_real_model_from_latent_diffusion_checkpoint(tmp_path):
-    import lightning
+    from helpers import save_module_checkpoint
 
     from dmvae_lightning.modules.diffusion import LatentDiffusionModule
 
@@ -528,15 +528,7 @@ def test_real_model_from_latent_diffusion_checkpoint(tmp_path):
         for p in module.dit.parameters():
             p.add_(0.1)
     module.ema.update(module.dit)  # EMA now differs from the raw weights
-    path = tmp_path / "reference.ckpt"
-    torch.save(
-        {
-            "state_dict": module.state_dict(),
-            "hyper_parameters": dict(module.hparams),
-            "pytorch-lightning_version": lightning.__version__,
-        },
-        path,
-    )
+    path = save_module_checkpoint(module, tmp_path / "reference.ckpt")
     for source in (str(path), module):
         loss = DMDLoss(source, cfg_scale=5.0)
         state = module.state_dict()
