@@ -4,6 +4,7 @@ stage budgets (no training or evaluation here)."""
 from __future__ import annotations
 
 import copy
+import difflib
 import hashlib
 import json
 import math
@@ -459,18 +460,30 @@ def check_arms(arms: Iterable[Arm]) -> None:
             )
 
 
+def unknown_arms(names: Iterable[str], known: list[str]) -> str:
+    """The error for ``--arms`` names that are not arm files: each with its close matches."""
+    parts = []
+    for name in names:
+        near = difflib.get_close_matches(name, known, n=3)
+        parts.append(f"{name!r}" + (f" (did you mean {', '.join(near)}?)" if near else ""))
+    return (
+        f"--arms: unknown arm(s) {'; '.join(parts)}; `dmvae study --list` lists the "
+        f"{len(known)} arms"
+    )
+
+
 def load_arms(
     directory: str | os.PathLike = ARMS_DIR, names: Iterable[str] | None = None
 ) -> list[Arm]:
     """The arms of ``directory`` (every ``*.yaml``), sorted by table and order, after
-    :func:`check_arms`; ``names`` selects some (unknown names are an error listing the known
-    ones)."""
+    :func:`check_arms`; ``names`` selects some (unknown names are an error naming each with
+    its close matches)."""
     arms = {p.stem: Arm.from_file(p) for p in sorted(Path(directory).glob("*.yaml"))}
     check_arms(arms.values())
     if names is not None:
         names = list(names)
-        missing = sorted(set(names) - set(arms))
+        missing = [name for name in names if name not in arms]
         if missing:
-            raise ValueError(f"--arms: unknown arm(s) {missing}; known: {sorted(arms)}")
+            raise ValueError(unknown_arms(missing, sorted(arms)))
         arms = {k: v for k, v in arms.items() if k in names}
     return sorted(arms.values(), key=lambda a: (a.table, a.order, a.key))

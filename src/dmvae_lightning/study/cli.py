@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import difflib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,18 +24,6 @@ def seed_list(text: str) -> list[int]:
     if len(set(seeds)) != len(seeds):
         raise argparse.ArgumentTypeError(f"each seed once (a repeat would count twice), got {text}")
     return seeds
-
-
-def unknown_arms(names: Sequence[str], known: Sequence[str]) -> str:
-    """The error for ``--arms`` names that are not arm files: each with its close matches."""
-    parts = []
-    for name in names:
-        near = difflib.get_close_matches(name, known, n=3)
-        parts.append(f"{name!r}" + (f" (did you mean {', '.join(near)}?)" if near else ""))
-    return (
-        f"--arms: no arm file for {'; '.join(parts)}; `dmvae study --list` lists the "
-        f"{len(known)} arms"
-    )
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -101,12 +88,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     names = args.arms.split(",") if args.arms else None
     arms_dir = Path(args.root) / ARMS_DIR
-    known = sorted(path.stem for path in arms_dir.glob("*.yaml"))
-    if not known:
+    if not any(arms_dir.glob("*.yaml")):
         parser.error(f"no arm files (*.yaml) in {arms_dir}: --root must be the repository root")
-    if names and (missing := [name for name in names if name not in known]):
-        parser.error(unknown_arms(missing, known))
-    arms = load_arms(arms_dir, names=names)
+    try:
+        arms = load_arms(arms_dir, names=names)
+    except ValueError as err:  # an --arms name without a file (or an arm file's mistake)
+        parser.error(str(err))
     if names:  # run in the order given (the report keeps the table order)
         arms.sort(key=lambda a: names.index(a.key))
     if args.table is not None:
