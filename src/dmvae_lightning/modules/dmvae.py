@@ -296,13 +296,6 @@ class DMVAEModule(EMAInEvaluation, pl.LightningModule):
                 f"model.init_args.init_from: stage {stage!r} starts from a tokenizer checkpoint; "
                 "set `init_from` to the previous stage's .ckpt."
             )
-        # the DMD fake model's steps fill the batches between VAE steps; without one (another
-        # matching loss, or weight 0 left at the default) every batch is a VAE step
-        dmd = isinstance(matching_loss, DMDLoss) and matching_weight != 0
-        default_every = 5 if stage == "align" and dmd else 1
-        self.vae_every = default_every if vae_every is None else int(vae_every)
-        if self.vae_every < 1:
-            raise ValueError(f"model.init_args.vae_every must be >= 1, got {vae_every}")
         if stage == "finetune" and matching_loss is not None and matching_weight != 0:
             raise ValueError(
                 "model.init_args.matching_loss has no effect with stage: finetune (encoder and "
@@ -327,6 +320,12 @@ class DMVAEModule(EMAInEvaluation, pl.LightningModule):
                 "model.init_args.bottleneck_gaussian: true"
             )
         self.matching_loss = matching_loss
+        # the DMD fake model's steps fill the batches between VAE steps; without one (another
+        # matching loss, or weight 0 left at the default) every batch is a VAE step
+        default_every = 5 if stage == "align" and self.trains_fake else 1
+        self.vae_every = default_every if vae_every is None else int(vae_every)
+        if self.vae_every < 1:
+            raise ValueError(f"model.init_args.vae_every must be >= 1, got {vae_every}")
         # (features, latents) of the last training-mode bottleneck call with gradients: the
         # Gaussian KL reuses those features instead of running the encoder a second time (only
         # recorded for that loss; consumed by it and dropped after every training step, so no
@@ -597,12 +596,7 @@ class DMVAEModule(EMAInEvaluation, pl.LightningModule):
             value = loss_fn(loss_fn.normalize(z), labels)
             info = loss_fn.last_info
             logs = {"train/dmd_t_max": info["t_max"]} if "t_max" in info else {}
-        elif isinstance(loss_fn, GaussianKLLoss):
-            if not self.hparams.bottleneck_gaussian:
-                raise ValueError(
-                    "GaussianKLLoss needs a Gaussian posterior: set "
-                    "model.init_args.bottleneck_gaussian: true"
-                )
+        elif isinstance(loss_fn, GaussianKLLoss):  # bottleneck_gaussian: checked in __init__
             mean, logvar = self.tokenizer.bottleneck.forward_stats(self.posterior_features(x, z))
             value, logs = loss_fn(mean, logvar), {}
         else:
