@@ -347,9 +347,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--no_progress", action="store_true")
     args = parser.parse_args(argv)
     tokenizer = load_frozen_tokenizer(args.tokenizer_ckpt).to(args.device)
-    # the decoder's output channels are the images' (a custom decoder may not say)
-    made = getattr(getattr(tokenizer.decoder, "conv_out", None), "out_channels", None)
-    if made is not None and made != args.channels:
+    made = tokenizer.decoder.out_channels  # the images' channels (load_tokenizer's Decoder)
+    if made != args.channels:
         parser.error(
             f"--channels is {args.channels} but the tokenizer of --tokenizer_ckpt works on "
             f"{made}-channel images: set --channels {made}"

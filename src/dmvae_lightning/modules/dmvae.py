@@ -665,9 +665,9 @@ class DMVAEModule(EMAInEvaluation, pl.LightningModule):
             raise ValueError("Nothing to train: every tokenizer parameter is frozen.")
         # a matching loss's own trainable parameters (PointwiseAlignmentLoss.proj) train with
         # the VAE; the DMD fake model has an optimizer of its own
-        if self.matching_loss is not None and not isinstance(self.matching_loss, DMDLoss):
-            if self.hparams.matching_weight != 0:
-                gen_params += [p for p in self.matching_loss.parameters() if p.requires_grad]
+        loss = self.matching_loss
+        if loss is not None and not isinstance(loss, DMDLoss) and hp.matching_weight != 0:
+            gen_params += [p for p in loss.parameters() if p.requires_grad]
         optimizers = [
             build_optimizer(make["optimizer"], gen_params, hp.lr, hp.betas, hp.weight_decay),
             build_optimizer(
