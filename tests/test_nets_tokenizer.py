@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dmvae_lightning.nets import (
@@ -21,7 +22,7 @@ from dmvae_lightning.nets import (
     TimmEncoder,
     build_encoder,
 )
-from dmvae_lightning.nets.decoder import group_norm
+from dmvae_lightning.nets.decoder import Upsample, group_norm, upsample_conv_weight
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "public_dmvae"  # README.md there
 TINY_VIT = dict(model_name="vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2)
@@ -74,6 +75,52 @@ def test_public_decoder_fixture(no_tf32):
         # sensitivity: a GroupNorm gain set to 1 must move the output far beyond the tolerance
         dec.mid.attn_1.norm.weight.fill_(1.0)
         assert (dec(nchw) - ref).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("size", [(5, 7), (8, 8), (1, 3)])
+def test_upsample_equals_nearest_resize_then_conv(size):
+    """Upsample's transposed convolution is nearest x2 + the 3x3 conv, values and gradients
+    (float64, so that only rounding of the order of 1e-15 separates them), on odd sizes too."""
+    torch.manual_seed(0)
+    up = Upsample(3).double()
+    x = torch.randn(2, 3, *size, dtype=torch.float64, requires_grad=True)
+    y = up(x)
+    assert y.shape == (2, 3, 2 * size[0], 2 * size[1])
+    x_ref = x.detach().clone().requires_grad_(True)
+    ref = F.conv2d(
+        F.interpolate(x_ref, scale_factor=2.0, mode="nearest"),
+        up.conv.weight,
+        up.conv.bias,
+        padding=1,
+    )
+    torch.testing.assert_close(y, ref, rtol=0, atol=1e-12)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, up.conv.weight, up.conv.bias), g)
+    grads_ref = torch.autograd.grad(ref, (x_ref, up.conv.weight, up.conv.bias), g)
+    for a, b in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-11)
+    # the kernel taps: per axis (w2, w1 + w2, w0 + w1, w0), transposed to (C_in, C_out, 4, 4)
+    w = up.conv.weight
+    k = upsample_conv_weight(w)
+    assert k.shape == (3, 3, 4, 4)
+    torch.testing.assert_close(
+        k[:, :, 1, 2], (w[:, :, 1, 0] + w[:, :, 1, 1] + w[:, :, 2, 0] + w[:, :, 2, 1]).T
+    )
+    torch.testing.assert_close(k[:, :, 3, 0], w[:, :, 0, 2].T)
+
+
+def test_upsample_bf16_autocast_matches_fp32():
+    """Under bf16 autocast the kernel is built in fp32 and cast once by the convolution: the
+    result is the fp32 one to bf16 precision."""
+    torch.manual_seed(0)
+    up = Upsample(8)
+    x = torch.randn(2, 8, 6, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = up(x)
+    assert y.dtype == torch.bfloat16
+    ref = up(x)
+    err = (y.float() - ref).abs().max() / ref.abs().max()
+    assert 0 < err < 2e-2
 
 
 def test_decoder_parameter_names_match_public_keys():
