@@ -22,22 +22,28 @@ pass (counted exactly with ``torch.autograd.graph.saved_tensors_hooks``: activat
 the largest difference between the two forms' outputs relative to the output's largest value::
 
     python benchmarks/bench_decoder.py --threads 1
-    python benchmarks/bench_decoder.py --device cuda --flagship_batch 32 --precision bf16
+    python benchmarks/bench_decoder.py --device cuda --flagship_batch 32 --steps 10 --precision bf16
+
+``--flagship_batch 0`` skips the flagship (seconds on a CPU; the test calls :func:`main` so);
+``--json FILE`` also writes the figures (the GPU check does).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from bench_align import rotated
 
 from dmvae_lightning.nets.decoder import Decoder, Upsample
+from dmvae_lightning.utils.malloc import tune_malloc
 
 STUDY = {
     "z_channels": 4,
@@ -105,9 +111,9 @@ def timed(fn: Callable[[], object], steps: int, device: torch.device) -> float:
     return (time.perf_counter() - start) / steps * 1e3
 
 
-def compare(name: str, decoder: Decoder, z: torch.Tensor, train: bool, args) -> None:
+def compare(name: str, decoder: Decoder, z: torch.Tensor, train: bool, args) -> dict:
     """Time ``decoder`` on ``z`` (forward + backward when ``train``, else no-grad forward) under
-    both forms and print one table row per form."""
+    both forms, print one table row per form and return the figures."""
     device = z.device
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
 
@@ -141,9 +147,15 @@ def compare(name: str, decoder: Decoder, z: torch.Tensor, train: bool, args) -> 
         ratio = f"{memory[form] / memory['resize']:.2f}" if train else "-"
         print(f"{name:<34} {form:<11} {t:10.2f} {t / base:7.2f} {mem} {ratio:>9}")
     print(f"{'':<34} max |transposed - resize| / max |resize| = {diff:.1e}")
+    return {
+        "ms": {f: statistics.median(ms[f]) for f in forms},
+        "ratio": statistics.median(ms["transposed"]) / base,
+        "saved_bytes": memory or None,
+        "relative_difference": diff,
+    }
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
@@ -152,10 +164,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--flagship_batch", type=int, default=1, help="0 skips the flagship")
     parser.add_argument("--flagship_steps", type=int, default=1)
+    parser.add_argument("--json", help="also write the figures to this JSON file")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    tune_malloc()  # as the dmvae command and the study's processes do
     torch.manual_seed(0)
     print(
         f"decoder x2 upsampling, {device.type}, {torch.get_num_threads()} threads, "
@@ -164,22 +178,25 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'shape':<34} {'form':<11} {'ms':>10} {'ratio':>7} {'saved MiB':>10} {'ratio':>9}")
     study = Decoder(**STUDY).to(device)
     g = torch.Generator(device="cpu").manual_seed(0)
-    compare(
-        "study train, batch 64", study, torch.randn(64, 4, 8, 8, generator=g).to(device), True, args
-    )
-    compare(
-        "study decode, 500 latents",
-        study,
-        torch.randn(500, 4, 8, 8, generator=g).to(device),
-        False,
-        args,
-    )
+    z_train = torch.randn(64, 4, 8, 8, generator=g).to(device)
+    z_decode = torch.randn(500, 4, 8, 8, generator=g).to(device)
+    results = {
+        "device": device.type,
+        "threads": torch.get_num_threads(),
+        "precision": args.precision,
+        "study_train": compare("study train, batch 64", study, z_train, True, args),
+        "study_decode": compare("study decode, 500 latents", study, z_decode, False, args),
+    }
     if args.flagship_batch > 0:
         flagship = Decoder(**FLAGSHIP).to(device)
         z = torch.randn(args.flagship_batch, 32, 16, 16, generator=g).to(device)
-        steps, args.steps = args.steps, args.flagship_steps
-        compare(f"flagship train, batch {args.flagship_batch}", flagship, z, True, args)
-        args.steps = steps
+        args.steps = args.flagship_steps
+        name = f"flagship train, batch {args.flagship_batch}"
+        results["flagship_train"] = compare(name, flagship, z, True, args)
+        results["flagship_batch"] = args.flagship_batch
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return results
 
 
 if __name__ == "__main__":

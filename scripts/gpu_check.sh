@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-command GPU check: the train-step benchmark (eager vs compiled, every stage at the ImageNet
-# shapes, bf16) and the numeric parity check (bf16 on the GPU vs fp32 on the CPU: DiT forward,
-# DMD gradient, one alignment step), both written into ONE JSON file.
+# shapes, bf16), the numeric parity check (bf16 on the GPU vs fp32 on the CPU: DiT forward,
+# DMD gradient, one alignment step) and the decoder's upsampling (resize + conv against the
+# transposed form, flagship decoder at batch 32), all written into ONE JSON file.
 #
 #   scripts/gpu_check.sh                      # on a GPU machine: full sizes, < 10 minutes
 #   scripts/gpu_check.sh --small              # CPU, tiny sizes: the plumbing end to end
@@ -13,8 +14,9 @@
 # makes .venv-gpu-check (with --system-site-packages, so the existing torch is used) and runs
 # `pip install -e .` there, which needs a package index.
 #
-# Time budget (full run): the benchmark stops after BENCH_TIMEOUT s (default 420) and the parity
-# check after PARITY_TIMEOUT s (default 150); stages finished before a timeout are kept. On an
+# Time budget (full run): the benchmark stops after BENCH_TIMEOUT s (default 420), the parity
+# check after PARITY_TIMEOUT s (default 150) and the decoder benchmark after DECODER_TIMEOUT s
+# (default 90, not yet run on a GPU); stages finished before a timeout are kept. On an
 # H200 (torch 2.11, 16 CPU cores), run in parts: the DiT stages compile in 57 and 97 s, the eager
 # alignment stage ran in 66 s with its imports, the parity checks in 47 s: 6-7 minutes in all. Extra
 # benchmark options go in BENCH_ARGS (e.g. BENCH_ARGS="--stages dit-b,align --channels_last"),
@@ -65,16 +67,20 @@ if [[ $SMALL == 1 ]]; then
   # so that the run takes seconds; bf16 autocast on the CPU stands in for the GPU.
   BENCH=(--small --device cpu --compile_backend aot_eager --warmup 1 --steps 1 --rounds 2)
   PARITY=(--small --device cpu)
+  DECODER=(--flagship_batch 0 --steps 1 --rounds 1)
   BENCH_TIMEOUT=${BENCH_TIMEOUT:-600}
   PARITY_TIMEOUT=${PARITY_TIMEOUT:-300}
+  DECODER_TIMEOUT=${DECODER_TIMEOUT:-300}
 else
   # align eager only: its compilation (ViT-L encoder, decoder, two DiT-XL score models, with and
   # without gradients) did not finish in 235 s on an H200 (torch 2.11), which the budget below
   # cannot hold; BENCH_ARGS="--stages align --eager_only=" BENCH_TIMEOUT=900 measures it alone.
   BENCH=(--device cuda --precision bf16 --warmup 2 --steps 3 --rounds 3 --eager_only align)
   PARITY=(--device cuda)
+  DECODER=(--device cuda --precision bf16 --flagship_batch 32 --flagship_steps 5 --steps 10)
   BENCH_TIMEOUT=${BENCH_TIMEOUT:-420}
   PARITY_TIMEOUT=${PARITY_TIMEOUT:-150}
+  DECODER_TIMEOUT=${DECODER_TIMEOUT:-90}
 fi
 # shellcheck disable=SC2206
 BENCH+=(${BENCH_ARGS:-})
@@ -89,13 +95,16 @@ BENCH_RC=$?
 echo "== parity (${PARITY[*]}), at most ${PARITY_TIMEOUT} s" >&2
 timeout "$PARITY_TIMEOUT" "$PY" benchmarks/gpu_parity.py "${PARITY[@]}" --json "$TMP/parity.json"
 PARITY_RC=$?
+echo "== decoder upsampling (${DECODER[*]}), at most ${DECODER_TIMEOUT} s" >&2
+timeout "$DECODER_TIMEOUT" "$PY" benchmarks/bench_decoder.py "${DECODER[@]}" --json "$TMP/decoder.json"
+DECODER_RC=$?
 set -e
 
-"$PY" - "$TMP" "$OUT" "$BENCH_RC" "$PARITY_RC" "$START" "$SMALL" <<'EOF'
+"$PY" - "$TMP" "$OUT" "$BENCH_RC" "$PARITY_RC" "$START" "$SMALL" "$DECODER_RC" <<'EOF'
 import json, subprocess, sys, time
 from pathlib import Path
 
-tmp, out, bench_rc, parity_rc, start, small = sys.argv[1:]
+tmp, out, bench_rc, parity_rc, start, small, decoder_rc = sys.argv[1:]
 def load(name):
     path = Path(tmp) / name
     return json.loads(path.read_text()) if path.is_file() else None
@@ -112,7 +121,9 @@ result = {
     "bench_exit_code": int(bench_rc),
     "parity": parity,
     "parity_exit_code": int(parity_rc),
-    "passed": bool(parity and parity.get("passed")) and int(bench_rc) == 0,
+    "decoder": load("decoder.json"),
+    "decoder_exit_code": int(decoder_rc),
+    "passed": bool(parity and parity.get("passed")) and int(bench_rc) == 0 and int(decoder_rc) == 0,
 }
 Path(out).write_text(json.dumps(result, indent=2))
 print(f"gpu_check: {'passed' if result['passed'] else 'FAILED'}; wrote {out} "

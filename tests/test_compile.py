@@ -330,6 +330,8 @@ def test_gpu_check_script_small_writes_valid_json(tmp_path):
     assert result["passed"] and result["small"]
     assert list(result["bench"]["stages"]) == ["dit-b"]
     assert list(result["parity"]["checks"]) == ["dit_forward"]
+    assert result["decoder_exit_code"] == 0
+    assert 0 < result["decoder"]["study_train"]["relative_difference"] < 1e-5
 
 
 def test_align_fit_compiled_matches_eager(tmp_path, stage_ckpts):
@@ -362,3 +364,44 @@ def test_align_fit_compiled_matches_eager(tmp_path, stage_ckpts):
             torch.testing.assert_close(compiled[key], value, rtol=1e-4, atol=1e-5, msg=key)
         else:
             assert torch.equal(compiled[key], value), key
+
+
+def test_bench_decoder_keeps_less_for_backward_and_agrees_with_the_resize_form(tmp_path):
+    """The decoder benchmark's figures that do not depend on the clock: the transposed form
+    keeps fewer bytes for the backward pass (the low-resolution input instead of the upsampled
+    one), exactly as many as the shapes say, and both forms give the same image."""
+    import bench_decoder
+
+    out = tmp_path / "decoder.json"
+    result = bench_decoder.main(["--flagship_batch", "0", "--steps", "1", "--rounds", "1",
+                                 "--threads", "1", "--json", str(out)])  # fmt: skip
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    train = result["study_train"]
+    saved = train["saved_bytes"]
+    # study decoder: upsampled inputs of 32 ch at 16x16 and 32x32 (batch 64, fp32) are replaced
+    # by their 8x8 and 16x16 originals; each of the two upsamplings keeps its 32x32x4x4 kernel
+    # instead of the 32x32x3x3 weight
+    fewer = 64 * 32 * 4 * ((16 * 16 - 8 * 8) + (32 * 32 - 16 * 16))
+    kernels = 2 * 32 * 32 * (16 - 9) * 4
+    assert saved["resize"] - saved["transposed"] == fewer - kernels
+    for part in ("study_train", "study_decode"):
+        assert 0 < result[part]["relative_difference"] < 1e-5
+        assert result[part]["ms"]["resize"] > 0 and result[part]["ms"]["transposed"] > 0
+
+
+def test_bench_dit_ops_forms_agree():
+    """The DiT benchmark's written-out norms, modulation and gates compute what the fused ones
+    do (the benchmark would otherwise time two different networks)."""
+    import bench_dit_ops
+
+    result = bench_dit_ops.main(["--threads", "1", "--sample_batch", "8", "--train_batch", "4",
+                                 "--steps", "1", "--rounds", "1"])  # fmt: skip
+    assert result["max_abs_difference"] < 1e-5
+    assert result["sample"]["written_ms"] > 0 and result["train"]["fused_ms"] > 0
+    # and the written forms are really swapped in and out
+    import dmvae_lightning.nets.dit as dit
+
+    fused = dit.RMSNorm.forward
+    with bench_dit_ops.form("written"):
+        assert dit.RMSNorm.forward is bench_dit_ops.written_rms_norm
+    assert dit.RMSNorm.forward is fused
