@@ -33,21 +33,86 @@ eager warm-up is compilation (cold: inductor's graph cache on disk is off); from
 the steps after which compiling pays::
 
     python benchmarks/bench_kl_vae.py --threads 1 --compile --ch 32 --warmup 3 --steps 10 --rounds 1
+
+``--before`` times the step at ``--ch`` as it is now against three exact rewrites undone, one
+at a time and all together: the decoder's upsampling as resize + 3x3 conv instead of one
+transposed convolution (``benchmarks/bench_decoder.py``); the adaptive GAN term
+back-propagating the discriminator twice (once for the weight, once in the loss's backward)
+instead of once; and the latents in channels-last memory (the MLP bottleneck's permuted view,
+which every decoder convolution and the discriminator kept, with CPU GroupNorm several times
+slower on it) instead of contiguous NCHW::
+
+    python benchmarks/bench_kl_vae.py --threads 1 --before --ch 16 --warmup 3 --steps 10 --rounds 3
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 from bench_align import RandomImages, rotated, timed_fit
+from bench_decoder import upsampling
 from torch.utils.data import DataLoader
 
+from dmvae_lightning.losses.adversarial import (
+    AdversarialLoss,
+    adaptive_weight,
+    generator_adv_loss,
+)
 from dmvae_lightning.losses.matching import GaussianKLLoss
 from dmvae_lightning.modules.dmvae import DMVAEModule
+from dmvae_lightning.nets.decoder import Decoder
+from dmvae_lightning.nets.encoders import MLPBottleneck
 from dmvae_lightning.utils.compile import compile_module
+
+
+class TwoPassAdversarial(AdversarialLoss):
+    """The former generator term: the adaptive weight's gradient through the discriminator,
+    then the loss's own backward through it again."""
+
+    def generator_loss(self, disc, x_rec, rec_loss, last_layer, generator=None):
+        g_adv = generator_adv_loss(disc(self.augment(x_rec, generator)).float())
+        weight = adaptive_weight(rec_loss, g_adv, last_layer, max_weight=self.max_adaptive_weight)
+        return self.disc_weight * weight * g_adv, {"g_adv": g_adv.detach()}
+
+
+class TwoPassGAN(DMVAEModule):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.adversarial.__class__ = TwoPassAdversarial
+
+
+def permuted_mlp(self: MLPBottleneck, x: torch.Tensor) -> torch.Tensor:
+    """The bottleneck's former output on feature maps: a channels-last view."""
+    return self.mlp(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def layout_keeping_forward(self: Decoder, z: torch.Tensor) -> torch.Tensor:
+    """The decoder's former forward: the latent's memory layout as given."""
+    h = self.conv_in(z)
+    h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+    for i in reversed(range(len(self.up))):
+        for block in self.up[i].block:
+            h = block(h)
+        if i != 0:
+            h = self.up[i].upsample(h)
+    return self.conv_out(F.silu(self.norm_out(h)))
+
+
+@contextlib.contextmanager
+def latent_layout(layout: str):
+    """``"nchw"``: as now; ``"channels_last"``: the bottleneck and decoder as before."""
+    saved = MLPBottleneck._mlp, Decoder.forward
+    if layout == "channels_last":
+        MLPBottleneck._mlp, Decoder.forward = permuted_mlp, layout_keeping_forward
+    try:
+        yield
+    finally:
+        MLPBottleneck._mlp, Decoder.forward = saved
 
 
 class RecomputeKL(DMVAEModule):
@@ -185,6 +250,30 @@ def compare_compile(args: argparse.Namespace) -> None:
         print(line)
 
 
+def compare_before(args: argparse.Namespace) -> None:
+    variants = {
+        "now": (DMVAEModule, "transposed", "nchw"),
+        "upsampling as before": (DMVAEModule, "resize", "nchw"),
+        "GAN backward as before": (TwoPassGAN, "transposed", "nchw"),
+        "latent layout as before": (DMVAEModule, "transposed", "channels_last"),
+        "all three as before": (TwoPassGAN, "resize", "channels_last"),
+    }
+    step: dict[str, list[float]] = {n: [] for n in variants}
+    for r in range(args.rounds):
+        for name in rotated(list(variants), r):
+            cls, form, layout = variants[name]
+            with upsampling(form), latent_layout(layout):
+                step[name].append(run(cls, args, args.ch))
+    print(
+        f"KL-VAE training step, encoder ch {args.ch}, batch {args.batch_size}, "
+        f"{torch.get_num_threads()} threads; median of {args.rounds} rounds"
+    )
+    base = statistics.median(step["all three as before"])
+    for name in variants:
+        s = statistics.median(step[name])
+        print(f"  {name:<24} {s:8.1f} ms / step ({s / base:.3f}x of all three as before)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch_size", type=int, default=64)
@@ -197,8 +286,9 @@ def main() -> None:
     )
     parser.add_argument("--channels_last", action="store_true", help="compare memory formats")
     parser.add_argument("--compile", action="store_true", help="compare eager and compiled")
+    parser.add_argument("--before", action="store_true", help="compare with the rewrites undone")
     parser.add_argument(
-        "--ch", type=int, default=32, help="encoder width (--channels_last, --compile)"
+        "--ch", type=int, default=32, help="encoder width (--channels_last, --compile, --before)"
     )
     args = parser.parse_args()
     if args.threads:
@@ -208,6 +298,9 @@ def main() -> None:
         return
     if args.compile:
         compare_compile(args)
+        return
+    if args.before:
+        compare_before(args)
         return
     if args.widths:
         compare_widths([int(w) for w in args.widths.split(",")], args)

@@ -353,6 +353,56 @@ def test_adversarial_generator_loss_closed_form():
     torch.testing.assert_close(logs["g_adv"], g_adv.detach())
 
 
+@pytest.mark.parametrize("policy", ["", "translation"])
+def test_generator_loss_backpropagates_the_discriminator_once_with_the_same_gradients(policy):
+    """With a frozen discriminator (the generator step) the adaptive GAN term goes through the
+    discriminator's backward once, where computing the weight and then the loss's backward
+    took two; the loss value, the weight and the decoder's gradients are those of that
+    two-pass computation, written out here. A trainable discriminator keeps the two passes
+    (its parameters get their gradients from the loss)."""
+    from dmvae_lightning.nets import PatchDiscriminator
+
+    torch.manual_seed(0)
+    decoder = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.SiLU(), nn.Conv2d(8, 1, 3, padding=1))
+    disc = PatchDiscriminator(in_channels=1, ch=8, n_layers=2)
+    z, x = torch.randn(3, 4, 16, 16), torch.randn(3, 1, 16, 16)
+    last = decoder[2].weight
+    adv = AdversarialLoss(disc_weight=0.7, diffaug_policy=policy)
+    passes = []
+    disc.register_full_backward_hook(lambda m, gin, gout: passes.append(1))
+
+    def run(one_pass: bool):
+        decoder.zero_grad(set_to_none=True)
+        disc.zero_grad(set_to_none=True)
+        passes.clear()
+        x_rec = decoder(z)
+        rec = (x_rec - x).abs().mean()
+        gen = torch.Generator().manual_seed(1)
+        if one_pass:
+            g_loss, logs = adv.generator_loss(disc, x_rec, rec, last, generator=gen)
+            weight, g_adv = logs["adaptive_weight"], logs["g_adv"]
+        else:  # the two-pass computation
+            g_adv = -disc(adv.augment(x_rec, gen)).float().mean()
+            weight = adaptive_weight(rec, g_adv, last)
+            g_loss = 0.7 * weight * g_adv
+        (rec + g_loss).backward()
+        grads = [p.grad.clone() for p in decoder.parameters()]
+        return g_loss.detach(), weight, g_adv.detach(), grads, len(passes)
+
+    disc.requires_grad_(False)
+    got, ref = run(True), run(False)
+    assert got[4] == 1 and ref[4] == 2
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-6, atol=0)
+    torch.testing.assert_close(got[1], ref[1], rtol=1e-6, atol=0)
+    torch.testing.assert_close(got[2], ref[2], rtol=0, atol=0)
+    assert got[1] > 0 and any(g.abs().sum() > 0 for g in got[3])
+    for a, b in zip(got[3], ref[3], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    disc.requires_grad_(True)  # trainable: the loss itself goes through the discriminator
+    got = run(True)
+    assert got[4] == 2 and disc.main[0].weight.grad is not None
+
+
 def test_adversarial_discriminator_loss_hinge_and_bcr():
     x, x_rec = _images(b=4, size=8, seed=1), _images(b=4, size=8, seed=2).requires_grad_(True)
     adv = AdversarialLoss(diffaug_policy="", consistency_weight=10.0)

@@ -55,12 +55,18 @@ def adaptive_weight(
     max_weight: float = 1e4,
     eps: float = 1e-4,
     sync: bool = True,
+    g_loss_grad: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """VQGAN adaptive weight ``||d rec/d W|| / (||d g/d W|| + eps)`` clamped to [0, max_weight].
 
     ``W = last_layer`` is usually the weight of the decoder's output conv. Both gradients are
     taken with ``torch.autograd.grad(..., retain_graph=True)`` so the graph remains usable for the
     backward pass; nothing is accumulated into ``.grad``. Returns a detached fp32 scalar.
+
+    ``g_loss_grad = (out, d g_loss / d out)``, with ``out`` a tensor on the path from ``W`` to
+    ``g_loss`` (the decoder's output) and the gradient already computed: ``d g / d W`` is then
+    the backward of ``out`` with that gradient, which does not go through the layers between
+    ``out`` and ``g_loss`` (the discriminator) again.
 
     With ``sync`` and an initialised ``torch.distributed`` group of several ranks, both gradients
     are first averaged over the ranks (one all-reduce of 2 x ``W.numel()`` values; every rank must
@@ -74,7 +80,11 @@ def adaptive_weight(
             "(called under torch.no_grad(), or last_layer frozen?)."
         )
     (rec_grad,) = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)
-    (g_grad,) = torch.autograd.grad(g_loss, last_layer, retain_graph=True)
+    if g_loss_grad is None:
+        (g_grad,) = torch.autograd.grad(g_loss, last_layer, retain_graph=True)
+    else:
+        out, out_grad = g_loss_grad
+        (g_grad,) = torch.autograd.grad(out, last_layer, out_grad, retain_graph=True)
     rec_grad, g_grad = rec_grad.float(), g_grad.float()
     if sync and is_distributed():
         both = torch.stack([rec_grad, g_grad])
@@ -244,21 +254,39 @@ class AdversarialLoss(nn.Module):
         last_layer: Tensor | None,
         generator: torch.Generator | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Weighted adversarial term for the autoencoder; logs ``g_adv``, ``adaptive_weight``."""
+        """Weighted adversarial term for the autoencoder; logs ``g_adv``, ``adaptive_weight``.
+
+        With the adaptive weight, a discriminator whose parameters take no gradient (the
+        generator step) and ``x_rec`` on the graph, the discriminator is back-propagated once:
+        ``G = d g_adv / d x_rec`` is taken first, the weight's ``d g_adv / d W`` continues from it
+        (:func:`adaptive_weight`'s ``g_loss_grad``), and the returned loss carries the value of
+        ``g_adv`` with the gradient ``G`` at ``x_rec`` (``g_adv + <x_rec, G> - <x_rec, G>``,
+        the last product detached), so the training backward reaches the decoder without a
+        second pass through the discriminator. Same values; gradients equal up to rounding.
+        """
         g_adv = generator_adv_loss(disc(self.augment(x_rec, generator)).float())
+        g_term = g_adv
         if not self.adaptive or last_layer is None:
             weight = g_adv.new_ones(())
         elif torch.is_grad_enabled() and g_adv.requires_grad and rec_loss.requires_grad:
+            at = None
+            params = disc.parameters() if isinstance(disc, nn.Module) else ()
+            if x_rec.requires_grad and not any(p.requires_grad for p in params):
+                (x_grad,) = torch.autograd.grad(g_adv, x_rec)  # the discriminator's only backward
+                at = (x_rec, x_grad)
+                link = (x_rec * x_grad).sum(dtype=torch.float32)
+                g_term = g_adv.detach() + (link - link.detach())
             weight = adaptive_weight(
                 rec_loss,
                 g_adv,
                 last_layer,
                 max_weight=self.max_adaptive_weight,
                 sync=self.sync_adaptive_weight,
+                g_loss_grad=at,
             )
         else:
             weight = g_adv.new_zeros(())
-        loss = self.disc_weight * weight * g_adv
+        loss = self.disc_weight * weight * g_term
         return loss, {"g_adv": g_adv.detach(), "adaptive_weight": weight.detach()}
 
     def discriminator_loss(

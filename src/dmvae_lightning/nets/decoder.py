@@ -227,7 +227,9 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(block_in, out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        z = tokens_to_map(z)
+        # NCHW memory: a channels-last view (tokens, a permuted latent) would be kept by every
+        # convolution, and CPU GroupNorm is several times slower on it, backward most
+        z = tokens_to_map(z).contiguous()
         if z.shape[1] != self.z_channels:
             raise ValueError(f"Decoder expects {self.z_channels} latent channels, got {z.shape[1]}")
         h = self.conv_in(z)

@@ -265,7 +265,9 @@ class MLPBottleneck(nn.Module):
         if x.ndim == 3:
             return self.mlp(x)
         if x.ndim == 4:
-            return self.mlp(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+            # a contiguous NCHW result: the permuted view would carry channels-last strides into
+            # the decoder, where every convolution keeps them and GroupNorm runs ~10x slower on CPU
+            return self.mlp(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2).contiguous()
         raise ValueError(f"MLPBottleneck expects (B, D, h, w) or (B, N, D), got {tuple(x.shape)}")
 
     def forward_stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
