@@ -18,7 +18,8 @@
 # check after PARITY_TIMEOUT s (default 150) and the decoder benchmark after DECODER_TIMEOUT s
 # (default 90, not yet run on a GPU); stages finished before a timeout are kept. On an
 # H200 (torch 2.11, 16 CPU cores), run in parts: the DiT stages compile in 57 and 97 s, the eager
-# alignment stage ran in 66 s with its imports, the parity checks in 47 s: 6-7 minutes in all. Extra
+# alignment stage ran in 66 s with its imports, the parity checks in 47 s: 6-7 minutes in all, plus
+# the decoder benchmark (at most DECODER_TIMEOUT s). Extra
 # benchmark options go in BENCH_ARGS (e.g. BENCH_ARGS="--stages dit-b,align --channels_last"),
 # extra parity options in PARITY_ARGS (e.g. PARITY_ARGS="--compile" to check the compiled path).
 set -euo pipefail
