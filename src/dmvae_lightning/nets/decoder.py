@@ -115,7 +115,7 @@ class Upsample(nn.Module):
     Computed as one stride-2 transposed convolution whose 4x4 kernel is built from `conv`'s
     3x3 weight (:func:`upsample_conv_weight`): the same function up to float rounding, with
     4/9 of the multiply-adds and without the 4x-sized upsampled input kept for the backward
-    pass (about 2x faster forward and backward on CPU: ``benchmarks/bench_decoder.py``).
+    pass (a whole decoder's training pass 0.86x on CPU: ``benchmarks/bench_decoder.py``).
     Parameters stay ``conv.weight`` / ``conv.bias``, so checkpoints load unchanged.
     """
 

@@ -112,7 +112,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            # the fused kernel: the same sums in the same order (bit-identical on CPU), 2x faster
+            # one fused kernel instead of four passes (bit-identical here: bench_dit_ops.py)
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         xf = x.float()
         normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
