@@ -197,6 +197,15 @@ def test_inception_score_matches_closed_forms():
     same = torch.zeros(40, 4)
     same[:, 1] = 1e4
     assert inception_score(same, splits=2) == pytest.approx((1.0, 0.0), abs=1e-9)
+    # too few samples is its own error type (the evaluate CLI turns it into a usage error);
+    # a wrong shape is a plain ValueError
+    from dmvae_lightning.metrics.evaluate import TooFewSamplesError
+
+    with pytest.raises(TooFewSamplesError, match="3 samples cannot fill 10"):
+        inception_score(same[:3], splits=10)
+    with pytest.raises(ValueError, match="shape") as err:
+        inception_score(same[0], splits=1)
+    assert not isinstance(err.value, TooFewSamplesError)
 
 
 # ------------------------------------------------------------------ files and cache

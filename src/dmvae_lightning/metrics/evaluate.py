@@ -27,15 +27,30 @@ from dmvae_lightning.metrics.extractors import DomainFeatures, FeatureExtractor,
 from dmvae_lightning.metrics.fid import feature_stats, frechet_distance
 from dmvae_lightning.metrics.stats import StatsCache, image_batches, reference_stats
 
-__all__ = ["evaluate_samples", "inception_score", "main", "reconstruction_metrics"]
+__all__ = [
+    "TooFewSamplesError",
+    "evaluate_samples",
+    "inception_score",
+    "main",
+    "reconstruction_metrics",
+]
+
+
+class TooFewSamplesError(ValueError):
+    """Fewer samples than the Inception Score has splits (each split needs one at least)."""
 
 
 def inception_score(logits: torch.Tensor, splits: int = 10) -> tuple[float, float]:
     """Inception Score ``exp(E_x KL(p(y|x) || p(y)))`` of logits (N, K), float64, as mean and
     (population) standard deviation over ``splits`` consecutive chunks (torch-fidelity's
-    ``isc_features_to_metric`` with ``shuffle=False``)."""
-    if logits.ndim != 2 or logits.shape[0] < splits:
-        raise ValueError(f"need logits (N >= {splits}, K), got {tuple(logits.shape)}")
+    ``isc_features_to_metric`` with ``shuffle=False``). Raises :class:`TooFewSamplesError`
+    when N < ``splits``."""
+    if logits.ndim != 2:
+        raise ValueError(f"need logits (N, K), got shape {tuple(logits.shape)}")
+    if logits.shape[0] < splits:
+        raise TooFewSamplesError(
+            f"{logits.shape[0]} samples cannot fill {splits} Inception Score splits"
+        )
     log_p = logits.double().log_softmax(dim=1)
     n = logits.shape[0]
     scores = []
@@ -155,10 +170,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             cache=args.cache_dir or True,
             batch_size=args.batch_size,
         )
-    except ValueError as err:
-        if "need logits" not in str(err):
-            raise
-        parser.error(f"{err}: fewer samples than --isc_splits {args.isc_splits} (or --no_isc)")
+    except TooFewSamplesError as err:
+        parser.error(f"{err}: lower --isc_splits {args.isc_splits}, or pass --no_isc")
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:
