@@ -40,6 +40,19 @@ from dmvae_lightning.nets.dit import DiT
 from dmvae_lightning.utils.rng import step_rng
 
 
+def time_steps(step: Callable[[], object], n: int, device: torch.device | str = "cpu") -> float:
+    """ms per call of ``step()`` over ``n`` calls (CUDA synchronised around the window)."""
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(n):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / n * 1e3
+
+
 def rotated(items: list, r: int) -> list:
     """``items`` in round ``r``'s order: rotated by ``r``, so that no variant always runs first."""
     return items[r % len(items) :] + items[: r % len(items)]

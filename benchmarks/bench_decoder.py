@@ -34,13 +34,13 @@ import argparse
 import contextlib
 import json
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
-from bench_align import rotated
+from bench_align import rotated, time_steps
 
 from dmvae_lightning.nets.decoder import Decoder, Upsample
 from dmvae_lightning.utils.malloc import tune_malloc
@@ -69,18 +69,11 @@ def resize_forward(self: Upsample, x: torch.Tensor) -> torch.Tensor:
     return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-@contextlib.contextmanager
-def upsampling(form: str):
+def upsampling(form: str) -> contextlib.AbstractContextManager:
     """Run ``Upsample`` modules in ``form`` ("resize" or "transposed") inside the block."""
     if form == "transposed":
-        yield
-        return
-    original = Upsample.forward
-    Upsample.forward = resize_forward
-    try:
-        yield
-    finally:
-        Upsample.forward = original
+        return contextlib.nullcontext()
+    return mock.patch.object(Upsample, "forward", resize_forward)
 
 
 def saved_bytes(fn: Callable[[], torch.Tensor]) -> int:
@@ -96,19 +89,6 @@ def saved_bytes(fn: Callable[[], torch.Tensor]) -> int:
         out = fn()
     del out
     return sum(seen.values())
-
-
-def timed(fn: Callable[[], object], steps: int, device: torch.device) -> float:
-    """ms per call of ``fn`` (mean over ``steps`` calls after one warm-up call)."""
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) / steps * 1e3
 
 
 def compare(name: str, decoder: Decoder, z: torch.Tensor, train: bool, args) -> dict:
@@ -130,7 +110,8 @@ def compare(name: str, decoder: Decoder, z: torch.Tensor, train: bool, args) -> 
     for r in range(args.rounds):
         for form in rotated(forms, r):
             with upsampling(form):
-                ms[form].append(timed(call, args.steps, device))
+                call()  # warm-up
+                ms[form].append(time_steps(call, args.steps, device))
     outputs, memory = {}, {}
     for form in forms:
         with upsampling(form), torch.no_grad(), autocast:

@@ -22,10 +22,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import statistics
-import time
+from unittest import mock
 
 import torch
-from bench_align import rotated
+from bench_align import rotated, time_steps
 
 import dmvae_lightning.nets.dit as dit
 from dmvae_lightning.utils.malloc import tune_malloc
@@ -54,19 +54,12 @@ def written_block(self: dit.DiTBlock, x: torch.Tensor, c: torch.Tensor, rope):
 @contextlib.contextmanager
 def form(name: str):
     """Run the DiT's norms, modulation and gates in ``name`` ("written" or "fused")."""
-    if name == "fused":
+    with contextlib.ExitStack() as stack:
+        if name == "written":
+            stack.enter_context(mock.patch.object(dit.RMSNorm, "forward", written_rms_norm))
+            stack.enter_context(mock.patch.object(dit, "_modulate", written_modulate))
+            stack.enter_context(mock.patch.object(dit.DiTBlock, "forward", written_block))
         yield
-        return
-    saved = dit.RMSNorm.forward, dit._modulate, dit.DiTBlock.forward
-    dit.RMSNorm.forward, dit._modulate, dit.DiTBlock.forward = (
-        written_rms_norm,
-        written_modulate,
-        written_block,
-    )
-    try:
-        yield
-    finally:
-        dit.RMSNorm.forward, dit._modulate, dit.DiTBlock.forward = saved
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -110,13 +103,8 @@ def main(argv: list[str] | None = None) -> dict:
         for name in rotated(forms, r):
             with form(name):
                 for task, fn in (("sample", sample), ("train", train)):
-                    fn()
-                    start = time.perf_counter()
-                    for _ in range(args.steps):
-                        fn()
-                    ms.setdefault((task, name), []).append(
-                        (time.perf_counter() - start) / args.steps * 1e3
-                    )
+                    fn()  # warm-up
+                    ms.setdefault((task, name), []).append(time_steps(fn, args.steps))
     outputs = {}
     for name in forms:
         with form(name):

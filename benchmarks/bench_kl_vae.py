@@ -52,6 +52,7 @@ import argparse
 import contextlib
 import statistics
 import time
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -107,13 +108,11 @@ def layout_keeping_forward(self: Decoder, z: torch.Tensor) -> torch.Tensor:
 @contextlib.contextmanager
 def latent_layout(layout: str):
     """``"nchw"``: as now; ``"channels_last"``: the bottleneck and decoder as before."""
-    saved = MLPBottleneck._mlp, Decoder.forward
-    if layout == "channels_last":
-        MLPBottleneck._mlp, Decoder.forward = permuted_mlp, layout_keeping_forward
-    try:
+    with contextlib.ExitStack() as stack:
+        if layout == "channels_last":
+            stack.enter_context(mock.patch.object(MLPBottleneck, "_mlp", permuted_mlp))
+            stack.enter_context(mock.patch.object(Decoder, "forward", layout_keeping_forward))
         yield
-    finally:
-        MLPBottleneck._mlp, Decoder.forward = saved
 
 
 class RecomputeKL(DMVAEModule):

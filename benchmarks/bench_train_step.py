@@ -55,7 +55,7 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # timm must never reach a model hub
 
 import torch  # noqa: E402
-from bench_align import rotated  # noqa: E402
+from bench_align import rotated, time_steps  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from dmvae_lightning import flow  # noqa: E402
@@ -306,16 +306,6 @@ def count_flops(step: Callable[[], None]) -> int:
     with counter:
         step()
     return int(counter.get_total_flops())
-
-
-def time_steps(step: Callable[[], None], n: int, device: torch.device) -> float:
-    """ms per step over ``n`` steps."""
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(n):
-        step()
-    sync(device)
-    return (time.perf_counter() - start) / n * 1e3
 
 
 def peak_tflops(args: argparse.Namespace) -> float | None:
