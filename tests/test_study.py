@@ -27,10 +27,11 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_every_shipped_arm_loads_and_names_known_stages():
     arms = study.load_arms(ROOT / study.ARMS_DIR)
     keys = {a.key for a in arms}
-    # the paper's Table 1 rows and Table 2 ablations are all there
-    assert {"kl_vae", "ae", "stage1", "dmvae_supervised", "dmvae_ssl", "gaussian", "gmm"} <= keys
-    assert {"sphere", "text", "diffusion_noise", "ablation", "dmd_w1", "dmd_w20"} <= keys
-    assert {"cfg3", "cfg5", "scorenet_wide"} <= keys
+    # the paper's Table 1 rows and Table 2 ablations are all there, each in its table
+    table1 = {a.key for a in arms if a.table == 1}
+    assert {"kl_vae_narrow", "ae_narrow", "stage1", "dmvae_supervised", "dmvae_ssl"} <= table1
+    assert {"gaussian", "gmm", "sphere", "text", "diffusion_noise", "ablation"} <= table1
+    assert {"dmd_w1", "dmd_w20", "cfg3", "cfg5", "scorenet_wide", "kl_vae", "ae"} <= keys - table1
     for arm in arms:
         assert arm.table in (1, 2)
         if arm.reference is not None:
@@ -233,10 +234,10 @@ def test_cli_table_selects_one_tables_arms(capsys):
         main(["--root", str(ROOT), "--list", "--table", str(table)])
         listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
         assert listed == [a.key for a in arms if a.table == table]
-    main(["--root", str(ROOT), "--list", "--table", "1", "--arms", "cfg3,kl_vae"])
-    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == ["kl_vae"]
+    main(["--root", str(ROOT), "--list", "--table", "1", "--arms", "cfg3,kl_vae_narrow"])
+    assert [line.split()[0] for line in capsys.readouterr().out.splitlines()] == ["kl_vae_narrow"]
     with pytest.raises(SystemExit):
-        main(["--root", str(ROOT), "--list", "--table", "2", "--arms", "kl_vae"])
+        main(["--root", str(ROOT), "--list", "--table", "2", "--arms", "kl_vae_narrow"])
     assert "--table 2" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--root", str(ROOT), "--list", "--generator_steps", "-5"])
@@ -305,7 +306,7 @@ def test_linear_probe_separates_separable_classes_and_not_noise():
 
 def test_quick_study_end_to_end_and_resume(tmp_path, fashion_mnist_root, monkeypatch):
     """The first run is parallel (two worker processes); the resume below is sequential."""
-    arms = ["kl_vae", "gaussian", "ablation"]
+    arms = ["kl_vae_narrow", "gaussian", "ablation"]  # Table 1 rows
     runs = tmp_path / "study"
     report = study.main(
         ["--quick", "--runs", str(runs), "--root", str(ROOT), "--seeds", "0,1", "--jobs", "2"]
@@ -314,8 +315,12 @@ def test_quick_study_end_to_end_and_resume(tmp_path, fashion_mnist_root, monkeyp
     assert report["jobs"] == 2
     # every unit ran in its own worker, which logged its stages
     logs = {p.name for p in (runs / "logs").glob("*.log")}
-    assert {"arm_kl_vae.log", "seed_gaussian_1.log", "shared_tokenizer_supervised.log"} <= logs
-    assert "fit tokenizer.yaml" in (runs / "logs" / "arm_kl_vae.log").read_text()
+    assert {
+        "arm_kl_vae_narrow.log",
+        "seed_gaussian_1.log",
+        "shared_tokenizer_supervised.log",
+    } <= logs
+    assert "fit tokenizer.yaml" in (runs / "logs" / "arm_kl_vae_narrow.log").read_text()
     rows = {r["key"]: r for r in report["arms"]}
     assert list(rows) == arms  # table order
     for key, row in rows.items():
@@ -329,7 +334,7 @@ def test_quick_study_end_to_end_and_resume(tmp_path, fashion_mnist_root, monkeyp
         assert (runs / "arms" / key / "generator_seed1.ckpt").is_file()
         tok = row["tokenizer"]
         assert 0.0 <= tok["probe_acc"] <= 1.0 and tok["psnr"] > 5
-    kl = rows["kl_vae"]["tokenizer"]["posterior_kl"]
+    kl = rows["kl_vae_narrow"]["tokenizer"]["posterior_kl"]
     assert math.isfinite(kl) and kl > 0
     assert "posterior_kl" not in rows["ablation"]["tokenizer"]
     # the aligned arm sits closer to its reference than the weight-0 ablation's latents do
@@ -348,8 +353,8 @@ def test_quick_study_end_to_end_and_resume(tmp_path, fashion_mnist_root, monkeyp
         assert [v.name for v in (runs / "tb" / "shared" / name[:-5]).iterdir()] == ["version_0"]
     md = (runs / "study.md").read_text()
     assert "### Table 1" in md and md.count("| DMVAE") == 1 and " ± " in md
-    kl_line = next(line for line in md.splitlines() if "(`kl_vae`)" in line)
-    seeds = [f"{g['gfid']:.2f}" for g in rows["kl_vae"]["generators"]]
+    kl_line = next(line for line in md.splitlines() if "(`kl_vae_narrow`)" in line)
+    seeds = [f"{g['gfid']:.2f}" for g in rows["kl_vae_narrow"]["generators"]]
     assert f"| {', '.join(seeds)} |" in kl_line  # the per-seed gFIDs next to mean ± std
     saved = json.loads((runs / "study.json").read_text())
     # every shared stage's wall time, also those trained before the arm that reports them
