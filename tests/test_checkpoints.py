@@ -232,13 +232,16 @@ def test_init_from_refuses_a_changed_reference_file(tmp_path, stage_ckpts):
         align(tmp_path / "changed", aligned, str(reference))
 
 
-def test_a_classifier_encoder_tokenizer_names_its_missing_classifier_file(tmp_path):
-    """A tokenizer on a frozen classifier encoder is rebuilt from the classifier checkpoint it
-    was trained with: loaded while that file exists, and without it the error names the
-    tokenizer's option and file and the missing classifier path (not an option of this run)."""
+def test_a_classifier_encoder_tokenizer_loads_without_its_classifier_file(tmp_path):
+    """A tokenizer on a frozen classifier encoder saves the classifier's architecture with its
+    hyperparameters (``encoder.arch``), so its checkpoint loads, with the same encoder, after
+    the classifier file is gone (the weights are its own copy); a checkpoint without ``arch``
+    (written before it) still needs the file, and the error names the tokenizer's option and
+    file and the missing classifier path."""
     from test_eval import save_classifier_checkpoint
 
     from dmvae_lightning.modules.dmvae import DMVAEModule
+    from dmvae_lightning.nets.classifier import ConvClassifier
 
     classifier = save_classifier_checkpoint(tmp_path / "classifier.ckpt")
     module = DMVAEModule(
@@ -249,14 +252,28 @@ def test_a_classifier_encoder_tokenizer_names_its_missing_classifier_file(tmp_pa
         decoder={"ch": 8, "ch_mult": [1, 2, 2], "num_res_blocks": 1, "mid_attention": False},
         discriminator={"ch": 8, "n_layers": 2},
     )
+    arch = module.hparams.encoder["arch"]
+    assert arch == load_classifier(classifier).config
+    assert (
+        ConvClassifier(**arch).state_dict().keys()
+        == module.tokenizer.encoder.net.state_dict().keys()
+    )
     tok = save_module_checkpoint(module, tmp_path / "tokenizer.ckpt")
+    old = torch.load(tok, weights_only=True)  # the same checkpoint as an older version wrote it
+    old["hyper_parameters"]["encoder"] = {"name": "classifier", "weights_path": str(classifier)}
+    torch.save(old, old_tok := tmp_path / "old_tokenizer.ckpt")
     x = torch.rand(2, 1, 32, 32) * 2 - 1
     with torch.no_grad():
-        torch.testing.assert_close(load_tokenizer(tok).encode(x), module.eval().encode(x))
-    classifier.unlink()
+        expected = module.eval().encode(x)
+        torch.testing.assert_close(load_tokenizer(tok).encode(x), expected)
+        classifier.unlink()
+        torch.testing.assert_close(load_tokenizer(tok).encode(x), expected)
+        reloaded = DMVAEModule.load_from_checkpoint(tok, map_location="cpu").eval()
+        torch.testing.assert_close(reloaded.encode(x), expected)
+    assert not reloaded.tokenizer.encoder.net.training  # frozen: eval mode, as loaded from file
     option = "model.init_args.tokenizer_ckpt"
     with pytest.raises(CheckpointNotFoundError) as err:
-        load_tokenizer(tok, option=option)
+        load_tokenizer(old_tok, option=option)
     message = str(err.value)
-    assert message.startswith(f"{option}: {str(tok)!r} rebuilds its classifier encoder")
+    assert message.startswith(f"{option}: {str(old_tok)!r} rebuilds its classifier encoder")
     assert repr(str(classifier)) in message

@@ -210,17 +210,30 @@ def build_encoder(
 ) -> nn.Module:
     """The encoder of a DMVAEModule ``encoder`` spec (``name`` defaults to ``"conv"``,
     ``in_channels`` to ``image_channels``, ``timm_kwargs`` are merged in). ``name: classifier``
-    reads the ClassifierModule checkpoint ``weights_path`` (:func:`load_classifier`)."""
+    reads the ClassifierModule checkpoint ``weights_path`` (:func:`load_classifier`). A spec
+    saved in a DMVAEModule checkpoint also holds ``arch``, that classifier's
+    :attr:`~dmvae_lightning.nets.classifier.ConvClassifier.config`: when ``weights_path`` no
+    longer exists, the network is built from ``arch`` with untrained weights, for the caller
+    that loads the checkpoint's own copy of them (:func:`load_tokenizer`,
+    ``DMVAEModule.load_from_checkpoint``), so a tokenizer checkpoint loads without its
+    classifier file."""
     kwargs: dict[str, Any] = {"name": "conv", **(spec or {})}
     kwargs.update(kwargs.pop("timm_kwargs", None) or {})
     if kwargs["name"] == "classifier":
         kwargs.pop("name")
         path = kwargs.pop("weights_path", None)
-        if not path:
+        arch = kwargs.pop("arch", None)
+        if arch is not None and not (path and Path(path).expanduser().is_file()):
+            try:
+                net = ConvClassifier(**arch).eval()  # as load_classifier returns it
+            except (TypeError, ValueError) as err:
+                raise TypeError(f"{option}.arch: {err}") from err
+        elif not path:
             raise CheckpointNotFoundError(
                 f"{option}.weights_path", "<not set>", "is needed by the classifier encoder."
             )
-        net = load_classifier(path, option=f"{option}.weights_path")
+        else:
+            net = load_classifier(path, option=f"{option}.weights_path")
         kwargs.setdefault("in_channels", image_channels)
         try:
             return ClassifierEncoder(net, **kwargs)

@@ -84,7 +84,7 @@ from dmvae_lightning.modules.common import (
     drop_callables_from_hparams,
 )
 from dmvae_lightning.nets.discriminator import PatchDiscriminator
-from dmvae_lightning.nets.encoders import MLPBottleneck
+from dmvae_lightning.nets.encoders import ClassifierEncoder, MLPBottleneck
 from dmvae_lightning.nets.tokenizer import Tokenizer
 from dmvae_lightning.nonfinite import NonFiniteGuard, NonFiniteSpec, batchnorm_stats
 from dmvae_lightning.utils.compile import compile_module
@@ -371,8 +371,14 @@ class DMVAEModule(EMAInEvaluation, pl.LightningModule):
         ``nn.Module`` mapping images (B, C_img, H, W) in [-1, 1] to features (B, D, h, w), with
         an ``out_dim`` attribute (D, which sizes the bottleneck). Default: from the ``encoder``
         spec (:func:`dmvae_lightning.checkpoints.build_encoder`). Override to plug in another
-        backbone; ``self.hparams`` (e.g. ``self.hparams.encoder``) is available."""
-        return build_encoder(self.hparams.encoder, self.hparams.image_channels)
+        backbone; ``self.hparams`` (e.g. ``self.hparams.encoder``) is available.
+
+        A classifier encoder's architecture is added to the spec as ``arch`` (saved with the
+        hyperparameters), so that the checkpoint loads without the classifier's file."""
+        encoder = build_encoder(self.hparams.encoder, self.hparams.image_channels)
+        if isinstance(encoder, ClassifierEncoder):
+            self.hparams.encoder = {**self.hparams.encoder, "arch": dict(encoder.net.config)}
+        return encoder
 
     def build_bottleneck(self, in_dim: int) -> nn.Module:
         """Called once by :meth:`configure_models` with ``in_dim`` = the encoder's ``out_dim``.

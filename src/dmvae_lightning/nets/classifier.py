@@ -46,7 +46,8 @@ class ConvClassifier(nn.Module):
 
     ``features(x)`` (B, D, h, w) with D = ``out_dim`` = ``widths[-1]`` and
     h = H / ``downsample_factor``, ``downsample_factor = stem_stride * 2 ** (len(widths) - 1)``;
-    ``embed(x)`` (B, D); ``forward(x)`` logits (B, num_classes).
+    ``embed(x)`` (B, D); ``forward(x)`` logits (B, num_classes). ``config``: the constructor's
+    arguments (plain values), which rebuild the same network: ``ConvClassifier(**net.config)``.
     """
 
     def __init__(
@@ -66,6 +67,15 @@ class ConvClassifier(nn.Module):
                 "ConvClassifier needs positive widths, blocks >= 0 and stem_stride 1 or 2; got "
                 f"widths={widths}, blocks={blocks}, stem_stride={stem_stride}"
             )
+        self.config: dict[str, object] = {
+            "in_channels": int(in_channels),
+            "num_classes": int(num_classes),
+            "widths": list(widths),
+            "norm": str(norm),
+            "dropout": float(dropout),
+            "blocks": int(blocks),
+            "stem_stride": int(stem_stride),
+        }
 
         def conv(c_in: int, c_out: int, stride: int = 1) -> list[nn.Module]:
             return [
