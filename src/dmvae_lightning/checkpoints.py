@@ -163,15 +163,9 @@ def _freeze(module: nn.Module) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------------- classifier
-_CLASSIFIER_ARGS = {
-    "in_channels",
-    "num_classes",
-    "widths",
-    "norm",
-    "dropout",
-    "blocks",
-    "stem_stride",
-}
+# ConvClassifier's constructor arguments (the names its `config` records), read from the
+# ClassifierModule's hyperparameters
+_CLASSIFIER_ARGS = set(inspect.signature(ConvClassifier).parameters)
 
 
 def load_classifier(path: str | os.PathLike, option: str = "weights_path") -> ConvClassifier:
